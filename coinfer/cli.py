@@ -1,0 +1,91 @@
+"""`coinfer` command line: prepare a model dir, and run a split model locally."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from coinfer.model.prepare import DEFAULT_MODEL_DIR
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from coinfer.model.prepare import PrepareError, prepare
+    from coinfer.model.weights import read_fingerprint
+
+    try:
+        out = prepare(args.source, args.out, force=args.force, progress=not args.quiet)
+    except PrepareError as e:
+        print(f"coinfer prepare: {e}", file=sys.stderr)
+        return 2
+    print(f"prepared {out} (fingerprint {read_fingerprint(out)})")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from coinfer.codec import CodecError
+    from coinfer.model import ModelConfig
+    from coinfer.model.generation import generate
+    from coinfer.model.sampling import SamplingParams
+    from coinfer.model.tokenizer import IncrementalDecoder, Tokenizer
+    from coinfer.pipeline import LocalSplit
+
+    try:
+        tok = Tokenizer(args.model)
+        cut = args.split if args.split is not None else ModelConfig.from_dir(args.model).num_layers // 2
+        split = LocalSplit(args.model, split=cut, codec_name=args.codec)
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except (FileNotFoundError, ValueError, CodecError) as e:
+        print(f"coinfer generate: {e}", file=sys.stderr)
+        return 2
+    ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
+    detok, t0, n, first = IncrementalDecoder(tok), time.perf_counter(), 0, None
+    for token, _ in generate(split.step_fn(), ids, args.max_tokens, sampling, tok.eos_token_ids):
+        first = first or time.perf_counter()
+        n += 1
+        sys.stdout.write(detok.push(token))
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - t0
+    decode_rate = (n - 1) / (time.perf_counter() - first) if n > 1 else 0.0
+    print(
+        f"\n[split {split.split}/{split.cfg.num_layers}, codec {split.codec}: {len(ids)} prompt + {n} new tokens "
+        f"in {elapsed:.2f}s, first token {first - t0:.3f}s, {decode_rate:.1f} tok/s, "
+        f"{split.stats.bytes_per_token:.0f} B/token across the cut]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coinfer", description="Device-edge cooperative inference of split LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prepare", help="turn a GGUF file or an HF model dir into a local model dir")
+    pr.add_argument("source", nargs="?", help="a .gguf file or an HF-format dir (default: the bundled SmolLM2-135M-Instruct)")
+    pr.add_argument("--out", default=DEFAULT_MODEL_DIR, help=f"model dir to write (default: {DEFAULT_MODEL_DIR})")
+    pr.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_cmd_prepare)
+
+    g = sub.add_parser("generate", help="generate locally through head -> codec -> tail (no network)")
+    g.add_argument("prompt", help="the user message (or raw text with --raw)")
+    g.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"prepared model dir (default: {DEFAULT_MODEL_DIR})")
+    g.add_argument("--split", type=int, default=None, help="layers run by the head, 0..N (default: N/2)")
+    g.add_argument("--codec", default="f32", help="codec across the cut: f32, f16, int8, int4 (default: f32)")
+    g.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default: 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
+    g.set_defaults(func=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

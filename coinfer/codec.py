@@ -1,0 +1,250 @@
+"""Tensor frames: how hidden states cross the link between head and tail.
+
+A frame is `u32 header length | msgpack header | zstd body`. The header holds
+`{v, codec, shape, dtype, scales, body_len, extras}`; the body is the quantized
+tensor, zstd-compressed. Codecs: `f32` (bit-exact), `f16`, `int8` (symmetric, per
+group of 64) and `int4` (symmetric, per group of 32, two values a byte).
+
+Frames come from the network, so `decode` trusts nothing: every inconsistency
+raises `CodecError` before any allocation larger than the caller's cap.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import torch
+import zstandard
+
+FRAME_VERSION = 1
+MAX_HEADER_BYTES = 1 << 16
+DEFAULT_MAX_DECODED_BYTES = 64 << 20  # cap on the decoded tensor, whatever the frame claims
+MAX_RANK = 4
+ZSTD_LEVEL = 3
+F16_MAX = 65504.0
+F16_TINY = 2.0**-14  # smallest normal f16: floor for scales so they never flush to zero
+
+_LEN = struct.Struct("<I")
+
+
+class CodecError(ValueError):
+    """A tensor frame that cannot be encoded or decoded; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    bits: int  # bits per value in the body
+    group: int = 0  # values per scale; 0 = not quantized
+    lossless: bool = False
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1  # symmetric: int8 -> 127, int4 -> 7
+
+    def padded(self, numel: int) -> int:
+        return -(-numel // self.group) * self.group if self.group else numel
+
+    def body_bytes(self, numel: int) -> int:
+        return self.padded(numel) * self.bits // 8
+
+
+CODECS: dict[str, Codec] = {
+    "f32": Codec("f32", 32, lossless=True),
+    "f16": Codec("f16", 16),
+    "int8": Codec("int8", 8, group=64),
+    "int4": Codec("int4", 4, group=32),
+}
+SCALE_DTYPES = {"f16": np.float16, "f32": np.float32}
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except (KeyError, TypeError):
+        raise CodecError(f"unknown codec {name!r} (known: {', '.join(CODECS)})") from None
+
+
+# ---------------------------------------------------------------- encode
+
+
+def _quantize(x: np.ndarray, codec: Codec) -> tuple[bytes, bytes, str]:
+    """x flat f32 -> (body, scales, scale dtype). Symmetric absmax per group."""
+    groups = np.zeros(codec.padded(x.size), dtype=np.float32)
+    groups[: x.size] = x
+    groups = groups.reshape(-1, codec.group)  # [n_groups, group]
+    scale = np.abs(groups).max(axis=1) / codec.qmax
+    scale_dtype = "f16" if scale.max(initial=0.0) <= F16_MAX else "f32"  # f16 halves scale bytes
+    stored = np.maximum(scale, F16_TINY).astype(SCALE_DTYPES[scale_dtype])
+    q = np.clip(np.rint(groups / stored.astype(np.float32)[:, None]), -codec.qmax, codec.qmax).astype(np.int8)
+    if codec.bits == 4:
+        u = (q.reshape(-1) + 8).astype(np.uint8)  # -7..7 -> 1..15
+        body = (u[0::2] | (u[1::2] << 4)).tobytes()
+    else:
+        body = q.tobytes()
+    return body, stored.tobytes(), scale_dtype
+
+
+def encode(x: torch.Tensor, codec: str = "f32", level: int = ZSTD_LEVEL) -> bytes:
+    """Tensor (e.g. hidden states [T, d]) -> frame bytes."""
+    c = get_codec(codec)
+    if not torch.is_floating_point(x):
+        raise CodecError(f"only floating-point tensors can be encoded, got {x.dtype}")
+    if not 1 <= x.dim() <= MAX_RANK or x.numel() == 0:
+        raise CodecError(f"tensor shape {tuple(x.shape)} must have rank 1..{MAX_RANK} and no zero dimension")
+    a = x.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1)
+    if not np.isfinite(a).all():
+        raise CodecError("tensor holds NaN or Inf values")
+    scales, extras = None, {}
+    if c.name == "f32":
+        raw = a.tobytes()
+    elif c.name == "f16":
+        if np.abs(a).max() > F16_MAX:
+            raise CodecError(f"values above {F16_MAX} do not fit f16; use f32 or int8")
+        raw = a.astype(np.float16).tobytes()
+    else:
+        raw, scales, extras["scale_dtype"] = _quantize(a, c)
+        extras["group"] = c.group
+    body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    header = {
+        "v": FRAME_VERSION,
+        "codec": c.name,
+        "shape": list(x.shape),
+        "dtype": "f32",
+        "scales": scales,
+        "body_len": len(body),
+        "extras": extras,
+    }
+    packed = msgpack.packb(header, use_bin_type=True)
+    return _LEN.pack(len(packed)) + packed + body
+
+
+# ---------------------------------------------------------------- decode
+
+
+def _parse_header(frame: bytes) -> tuple[dict, memoryview]:
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise CodecError(f"a frame must be bytes, got {type(frame).__name__}")
+    view = memoryview(frame)
+    if len(view) < _LEN.size:
+        raise CodecError(f"frame of {len(view)} bytes is truncated: no header length")
+    (hlen,) = _LEN.unpack_from(view)
+    if hlen > MAX_HEADER_BYTES:
+        raise CodecError(f"header length {hlen} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    if _LEN.size + hlen > len(view):
+        raise CodecError(f"frame of {len(view)} bytes is truncated: header says {hlen} header bytes")
+    try:
+        header = msgpack.unpackb(
+            view[_LEN.size : _LEN.size + hlen], raw=False, strict_map_key=True,
+            max_str_len=256, max_bin_len=MAX_HEADER_BYTES, max_array_len=MAX_RANK * 4, max_map_len=32, max_ext_len=0,
+        )  # fmt: skip
+    except Exception as e:  # msgpack raises many types on garbage
+        raise CodecError(f"header is not valid msgpack: {e}") from None
+    if not isinstance(header, dict):
+        raise CodecError(f"header must be a map, got {type(header).__name__}")
+    return header, view[_LEN.size + hlen :]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_shape(shape, hidden_size: int | None, max_decoded_bytes: int) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK:
+        raise CodecError(f"shape must be a list of 1..{MAX_RANK} dimensions, got {shape!r}")
+    if not all(_is_int(s) and 0 < s <= max_decoded_bytes for s in shape):
+        raise CodecError(f"shape dimensions must be positive integers, got {shape!r}")
+    if hidden_size is not None and shape[-1] != hidden_size:
+        raise CodecError(f"shape {shape} does not match the model's hidden size {hidden_size}")
+    numel = int(np.prod(shape, dtype=np.int64))
+    if numel * 4 > max_decoded_bytes:
+        raise CodecError(f"decoded tensor would be {numel * 4} bytes, over the cap of {max_decoded_bytes}")
+    return tuple(shape)
+
+
+def _check_scales(header: dict, c: Codec, numel: int) -> np.ndarray | None:
+    scales, extras = header.get("scales"), header.get("extras") or {}
+    if not isinstance(extras, dict):
+        raise CodecError("extras must be a map")
+    if not c.group:
+        if scales:
+            raise CodecError(f"codec {c.name} carries no scales")
+        return None
+    if extras.get("group") != c.group:
+        raise CodecError(f"codec {c.name} needs group {c.group}, header says {extras.get('group')!r}")
+    dt = SCALE_DTYPES.get(extras.get("scale_dtype"))
+    if dt is None:
+        raise CodecError(f"unknown scale dtype {extras.get('scale_dtype')!r} (known: {', '.join(SCALE_DTYPES)})")
+    n_groups = c.padded(numel) // c.group
+    if not isinstance(scales, bytes) or len(scales) != n_groups * np.dtype(dt).itemsize:
+        raise CodecError(f"scales must be {n_groups} {extras['scale_dtype']} values")
+    s = np.frombuffer(scales, dtype=dt).astype(np.float32)
+    if not np.isfinite(s).all() or (s < 0).any():
+        raise CodecError("scales must be finite and non-negative")
+    return s
+
+
+def _decompress(body: memoryview, header: dict, expected: int) -> bytes:
+    declared = header.get("body_len")
+    if not _is_int(declared):
+        raise CodecError("header has no integer body_len")
+    if len(body) != declared:
+        raise CodecError(f"body is {len(body)} bytes but the header declares {declared}")
+    try:
+        # our encoder always writes the content size: checking it first bounds the allocation
+        size = zstandard.frame_content_size(bytes(body[:18]))
+    except zstandard.ZstdError as e:
+        raise CodecError(f"body is not a zstd frame: {e}") from None
+    if size != expected:
+        raise CodecError(f"body decompresses to {size} bytes, expected {expected} (content size missing or wrong)")
+    obj = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        raw = obj.decompress(bytes(body))
+    except zstandard.ZstdError as e:
+        raise CodecError(f"body is corrupt: {e}") from None
+    if len(raw) != expected or not obj.eof or obj.unused_data:
+        raise CodecError(f"body decompresses to {len(raw)} bytes with trailing data; expected exactly {expected}")
+    return raw
+
+
+def _dequantize(raw: bytes, c: Codec, scales: np.ndarray | None, numel: int) -> np.ndarray:
+    if c.name == "f32":
+        return np.frombuffer(raw, dtype=np.float32).copy()
+    if c.name == "f16":
+        return np.frombuffer(raw, dtype=np.float16).astype(np.float32)
+    if c.bits == 4:
+        u = np.frombuffer(raw, dtype=np.uint8)
+        q = np.empty(u.size * 2, dtype=np.int8)
+        q[0::2], q[1::2] = (u & 0x0F).astype(np.int8) - 8, (u >> 4).astype(np.int8) - 8
+    else:
+        q = np.frombuffer(raw, dtype=np.int8)
+    x = q.reshape(-1, c.group).astype(np.float32) * scales[:, None]
+    return x.reshape(-1)[:numel]
+
+
+def decode(
+    frame: bytes, *, hidden_size: int | None = None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+) -> torch.Tensor:
+    """Frame bytes -> float32 tensor, after checking every field. Raises CodecError on any fault."""
+    header, body = _parse_header(frame)
+    if header.get("v") != FRAME_VERSION or not _is_int(header.get("v")):
+        raise CodecError(f"unsupported frame version {header.get('v')!r} (this side speaks {FRAME_VERSION})")
+    c = get_codec(header.get("codec"))
+    if header.get("dtype") != "f32":
+        raise CodecError(f"unsupported dtype {header.get('dtype')!r} (only f32)")
+    shape = _check_shape(header.get("shape"), hidden_size, max_decoded_bytes)
+    numel = int(np.prod(shape))
+    scales = _check_scales(header, c, numel)
+    raw = _decompress(body, header, c.body_bytes(numel))
+    x = _dequantize(raw, c, scales, numel)
+    if not np.isfinite(x).all():
+        raise CodecError("decoded tensor holds NaN or Inf values")
+    return torch.from_numpy(x).reshape(shape)
+
+
+def peek_header(frame: bytes) -> dict:
+    """The frame's header, for logs and byte accounting (not validated beyond parsing)."""
+    return _parse_header(frame)[0]

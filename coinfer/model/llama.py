@@ -1,0 +1,166 @@
+"""Llama-family transformer blocks and a model *slice* [start, stop) that can be cut anywhere.
+
+Shapes: B batch, T new tokens, P past positions, d hidden, H query heads,
+KV key/value heads, D head dim, F MLP width, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coinfer.model.config import ModelConfig
+from coinfer.model.kv_cache import KVCache
+
+
+class Linear(nn.Module):
+    """y = x @ weight + bias, with weight stored [in, out] (the transpose of nn.Linear's).
+
+    Decoding is a row vector times a matrix; on CPU, MKL streams a row-major [in, out]
+    matrix measurably faster for that than nn.Linear's [out, in] (benchmarks/decode_speed.py).
+    """
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight  # [..., in] -> [..., out]
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [T, D] for the given absolute positions [T] (half-split layout, as in HF)."""
+    freqs = positions[:, None].float() * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated by position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # q, k and v projections fused into one matmul: fewer kernel launches per decode step
+        self.wqkv = Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
+        self.wo = Linear(q, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        H, KV = self.n_head, self.n_kv
+        qkv = self.wqkv(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # [B, H+2KV, T, D]
+        qk = apply_rope(qkv[:, : H + KV], cos, sin)  # q and k rotated in one go
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]  # [B, H|KV|KV, T, D]
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # [B, KV, P+T, D]
+        if T == 1:  # decode: fold each KV head's query group into one "sequence"; no GQA expansion
+            y = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, self.head_dim), k, v)
+            return self.wo(y.reshape(B, 1, -1))  # [B, KV, H/KV, D] -> [B, 1, H*D]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and past == 0, enable_gqa=True
+        )  # [B, H, T, D]
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        # gate and up stay two matmuls: on CPU one fused [2F, d] matrix-vector product
+        # measured slower than two [F, d] ones (benchmarks/decode_speed.py)
+        self.w_gate = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.w_up = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))  # [B, T, F] -> [B, T, d]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, layer, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def causal_mask(past: int, new: int) -> torch.Tensor | None:
+    """Boolean mask [T, P+T] for T new queries after P cached positions (None when SDPA needs none)."""
+    if new == 1 or past == 0:
+        return None  # one query sees everything; no past -> SDPA's own is_causal
+    q_pos = torch.arange(past, past + new)[:, None]
+    return torch.arange(past + new)[None, :] <= q_pos
+
+
+class ModelSlice(nn.Module):
+    """Layers [start, stop) of a model, optionally with the token embedding in front
+    and the final norm + lm_head behind. The whole model is ModelSlice(cfg, 0, N, True, True).
+
+    forward(x): x is token ids [B, T] (with embedding) or hidden states [B, T, d];
+    returns logits [B, T, V] (with head) or hidden states [B, T, d].
+    """
+
+    def __init__(self, cfg: ModelConfig, start: int, stop: int, embed: bool, head: bool) -> None:
+        super().__init__()
+        if not 0 <= start <= stop <= cfg.num_layers:
+            raise ValueError(f"slice [{start}, {stop}) is outside 0..{cfg.num_layers}")
+        self.cfg, self.start, self.stop = cfg, start, stop
+        self.has_embed, self.has_head = embed, head
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if embed else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(start, stop))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if head else None
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size) if head else None
+        self.register_buffer("inv_freq", cfg.rope_inv_freq(), persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.stop - self.start
+
+    def new_cache(self, batch: int = 1, chunk: int = 256) -> KVCache:
+        dtype = next(self.parameters()).dtype if any(True for _ in self.parameters()) else torch.float32
+        return KVCache(self.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, batch=batch, dtype=dtype, chunk=chunk)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)  # [B, T] -> [B, T, d]
+        T = x.shape[1]
+        past = cache.length if cache is not None else 0
+        if self.layers:
+            if cache is not None:
+                cache.reserve(past + T)
+            cos, sin = rope_cos_sin(self.inv_freq, torch.arange(past, past + T), x.dtype)  # [T, D]
+            mask = causal_mask(past, T)
+            for i, block in enumerate(self.layers):
+                x = block(x, cos, sin, cache, i, mask)  # [B, T, d]
+        if cache is not None:
+            cache.advance(T)
+        if self.lm_head is None:
+            return x
+        if last_only:
+            x = x[:, -1:]  # prefill needs only the next token's logits
+        return self.lm_head(self.norm(x))  # [B, T, V]

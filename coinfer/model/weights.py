@@ -1,0 +1,118 @@
+"""Read a slice's weights from `model.safetensors`, tensor by tensor, and only those it needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from coinfer.model.config import ModelConfig
+from coinfer.model.llama import ModelSlice
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "coinfer.json"
+
+
+class TensorReader:
+    """Lazy access to one safetensors file; remembers which tensors were actually read."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} not found: prepare the model dir first (coinfer prepare)")
+        self._file = safe_open(str(self.path), framework="pt")
+        self.names = set(self._file.keys())
+        self.read: set[str] = set()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(f"tensor {name!r} is missing from {self.path}")
+        self.read.add(name)
+        return self._file.get_tensor(name)
+
+
+def read_fingerprint(model_dir: str | Path) -> str:
+    """The weights fingerprint `coinfer prepare` wrote (sha256 of model.safetensors)."""
+    meta = Path(model_dir) / META_FILE
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} not found: prepare the model dir first (coinfer prepare)")
+    return json.loads(meta.read_text())["fingerprint"]
+
+
+def _hf_layer_tensors(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {
+        "attn_norm": p + "input_layernorm.weight",
+        "mlp_norm": p + "post_attention_layernorm.weight",
+        "q": p + "self_attn.q_proj.",
+        "k": p + "self_attn.k_proj.",
+        "v": p + "self_attn.v_proj.",
+        "o": p + "self_attn.o_proj.weight",
+        "gate": p + "mlp.gate_proj.weight",
+        "up": p + "mlp.up_proj.weight",
+        "down": p + "mlp.down_proj.weight",
+    }
+
+
+def slice_state_dict(reader: TensorReader, cfg: ModelConfig, start: int, stop: int, embed: bool, head: bool):
+    """Our parameter names -> tensors, read from the HF-named tensors of layers [start, stop)."""
+    sd: dict[str, torch.Tensor] = {}
+    for j, i in enumerate(range(start, stop)):
+        n, ours = _hf_layer_tensors(i), f"layers.{j}."
+        sd[ours + "attn_norm.weight"] = reader.get(n["attn_norm"])
+        sd[ours + "mlp_norm.weight"] = reader.get(n["mlp_norm"])
+        sd[ours + "attn.wqkv.weight"] = _t(torch.cat([reader.get(n[x] + "weight") for x in "qkv"]))
+        if cfg.attention_bias:
+            sd[ours + "attn.wqkv.bias"] = torch.cat([reader.get(n[x] + "bias") for x in "qkv"])
+        sd[ours + "attn.wo.weight"] = _t(reader.get(n["o"]))
+        sd[ours + "mlp.w_gate.weight"] = _t(reader.get(n["gate"]))
+        sd[ours + "mlp.w_up.weight"] = _t(reader.get(n["up"]))
+        sd[ours + "mlp.w_down.weight"] = _t(reader.get(n["down"]))
+    embedding = None
+    if embed:
+        embedding = sd["embed_tokens.weight"] = reader.get("model.embed_tokens.weight")
+    if head:
+        sd["norm.weight"] = reader.get("model.norm.weight")
+        if cfg.tie_word_embeddings:
+            lm_head = embedding if embedding is not None else reader.get("model.embed_tokens.weight")
+        else:
+            lm_head = reader.get("lm_head.weight")
+        sd["lm_head.weight"] = _t(lm_head)
+    return sd
+
+
+def _t(w: torch.Tensor) -> torch.Tensor:
+    """HF's [out, in] -> our Linear's [in, out]."""
+    return w.t().contiguous()
+
+
+def load_slice(
+    model_dir: str | Path,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    embed: bool | None = None,
+    head: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    reader: TensorReader | None = None,
+) -> ModelSlice:
+    """Build layers [start, stop) of the model in `model_dir`, reading only their tensors.
+
+    By default the slice carries the embedding if it starts at 0 and the final
+    norm + lm_head if it ends at the last layer.
+    """
+    cfg = ModelConfig.from_dir(model_dir)
+    stop = cfg.num_layers if stop is None else stop
+    embed = start == 0 if embed is None else embed
+    head = stop == cfg.num_layers if head is None else head
+    reader = reader or TensorReader(Path(model_dir) / WEIGHTS_FILE)
+    with torch.device("meta"):  # no allocation or random init for weights we overwrite anyway
+        model = ModelSlice(cfg, start, stop, embed, head)
+    sd = {k: v.to(dtype) for k, v in slice_state_dict(reader, cfg, start, stop, embed, head).items()}
+    if embed and head and cfg.tie_word_embeddings:
+        sd["embed_tokens.weight"] = sd["lm_head.weight"].t()  # one tensor for both: a [V, d] view of [d, V]
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.inv_freq = cfg.rope_inv_freq()  # buffers are not in the state dict
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,186 @@
+"""Tensor frames: round-trip error bounds per codec, sizes, and a corpus of bad frames."""
+
+import random
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from coinfer.codec import CODECS, CodecError, decode, encode, peek_header
+
+D = 576
+
+
+def hidden(t=16, seed=0, outliers=True):
+    x = torch.randn(t, D, generator=torch.Generator().manual_seed(seed)) * 2
+    if outliers:  # like real middle layers: a few channels carry huge activations
+        x[:, [7, 300]] = torch.tensor([2.5e4, -1.2e4])
+    return x
+
+
+def rebuild(header: dict, body: bytes) -> bytes:
+    h = msgpack.packb(header, use_bin_type=True)
+    return struct.pack("<I", len(h)) + h + body
+
+
+def split_frame(frame: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack_from("<I", frame)
+    return msgpack.unpackb(frame[4 : 4 + n]), frame[4 + n :]
+
+
+def group_bound(x: torch.Tensor, group: int, qmax: int) -> torch.Tensor:
+    """Per-element bound: half a quantization step of the element's group (+ f16 scale rounding)."""
+    flat = torch.nn.functional.pad(x.flatten(), (0, -x.numel() % group)).view(-1, group)
+    step = flat.abs().amax(1, keepdim=True) / qmax
+    return (step * 0.5 * (1 + 2e-3) + 1e-6).expand_as(flat).flatten()[: x.numel()].view_as(x)
+
+
+def test_f32_is_bit_exact():
+    x = hidden()
+    assert torch.equal(decode(encode(x, "f32"), hidden_size=D), x)
+
+
+def test_f16_relative_error():
+    x = hidden()
+    y = decode(encode(x, "f16"), hidden_size=D)
+    assert ((y - x).abs() <= x.abs() * 2**-11 + 1e-7).all()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_group_quantization_error_bound(name):
+    c, x = CODECS[name], hidden()
+    y = decode(encode(x, name), hidden_size=D)
+    assert ((y - x).abs() <= group_bound(x, c.group, c.qmax)).all()
+    # outliers stay in their own groups: the rest of the row keeps its precision
+    assert (y[:, 64:128] - x[:, 64:128]).abs().max() < 8 / c.qmax
+
+
+@pytest.mark.parametrize("shape", [(1, D), (3, 1, D), (5, 100), (7,)])
+def test_odd_shapes_round_trip(shape):
+    x = torch.randn(shape)
+    for name in CODECS:
+        assert decode(encode(x, name)).shape == shape
+
+
+def test_zeros_and_tiny_values_survive():
+    x = torch.zeros(2, D)
+    x[1, :64] = 1e-9
+    for name in CODECS:
+        y = decode(encode(x, name), hidden_size=D)
+        assert (y - x).abs().max() <= 1e-4
+
+
+def test_bytes_per_token_shrink_with_the_codec(capsys):
+    x = hidden(t=64, outliers=False)
+    per_token = {name: len(encode(x, name)) / 64 for name in CODECS}
+    with capsys.disabled():
+        print("\nbytes/token on gaussian hidden states (d=576, f32 raw = 2304):",
+              ", ".join(f"{k} {v:.0f}" for k, v in per_token.items()))  # fmt: skip
+    assert per_token["f32"] <= D * 4 * 1.01
+    assert per_token["f16"] <= D * 2 * 1.01
+    assert per_token["int8"] <= D * 1.1 and per_token["int4"] <= D * 0.6
+    assert peek_header(encode(x, "int8"))["codec"] == "int8"
+
+
+def test_encode_rejects_bad_tensors():
+    for bad, msg in [
+        (torch.tensor([1.0, float("nan")]), "NaN"),
+        (torch.tensor([[1.0, float("inf")]]), "NaN or Inf"),
+        (torch.ones(2, 3, dtype=torch.int64), "floating-point"),
+        (torch.ones(0, D), "zero dimension"),
+        (torch.full((2, D), 1e5), "f16"),
+    ]:
+        with pytest.raises(CodecError, match=msg):
+            encode(bad, "f16" if msg == "f16" else "f32")
+    with pytest.raises(CodecError, match="unknown codec"):
+        encode(torch.ones(1, D), "int3")
+
+
+# ---------------------------------------------------------------- bad frames
+
+
+def good(name="int8"):
+    return encode(hidden(t=4), name)
+
+
+def bad_frames() -> dict[str, tuple[bytes, str]]:
+    frame = good()
+    h, body = split_frame(frame)
+    f32h, f32body = split_frame(good("f32"))
+    nan = np.zeros(4 * D, dtype=np.float32)
+    nan[5] = np.nan
+    inf_scales = np.full(len(h["scales"]) // 2, np.inf, dtype=np.float16).tobytes()
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * (4 * D * 4))
+    return {
+        "empty": (b"", "truncated"),
+        "short length": (b"\x01\x00", "truncated"),
+        "truncated header": (frame[:10], "truncated"),
+        "truncated body": (frame[:-5], "body is"),
+        "huge header length": (struct.pack("<I", 1 << 30) + b"x", "exceeds"),
+        "header not msgpack": (struct.pack("<I", 3) + b"\xc1\xc1\xc1", "msgpack"),
+        "header not a map": (rebuild([1, 2], body), "map"),
+        "wrong version": (rebuild({**h, "v": 2}, body), "version"),
+        "bool version": (rebuild({**h, "v": True}, body), "version"),
+        "unknown codec": (rebuild({**h, "codec": "int3"}, body), "unknown codec"),
+        "codec not a string": (rebuild({**h, "codec": [1]}, body), "unknown codec"),
+        "wrong dtype": (rebuild({**h, "dtype": "f64"}, body), "dtype"),
+        "shape mismatch": (rebuild({**h, "shape": [4, 512]}, body), "hidden size"),
+        "shape negative": (rebuild({**h, "shape": [-4, D]}, body), "positive"),
+        "shape not ints": (rebuild({**h, "shape": [4.0, D]}, body), "positive"),
+        "shape bools": (rebuild({**h, "shape": [True, D]}, body), "positive"),
+        "shape too big": (rebuild({**h, "shape": [1 << 20, D]}, body), "cap"),
+        "shape rank 0": (rebuild({**h, "shape": []}, body), "shape"),
+        "scales short": (rebuild({**h, "scales": h["scales"][:-2]}, body), "scales"),
+        "scales inf": (rebuild({**h, "scales": inf_scales}, body), "finite"),
+        "scales missing": (rebuild({**h, "scales": None}, body), "scales"),
+        "scale dtype": (rebuild({**h, "extras": {**h["extras"], "scale_dtype": "f8"}}, body), "scale dtype"),
+        "wrong group": (rebuild({**h, "extras": {**h["extras"], "group": 16}}, body), "group"),
+        "scales on f32": (rebuild({**f32h, "scales": b"\0\0"}, f32body), "no scales"),
+        "body longer": (frame + b"\0\0\0", "body is"),
+        "body shorter than declared": (rebuild({**h, "body_len": len(body) + 10}, body), "declares"),
+        "no body_len": (rebuild({k: v for k, v in h.items() if k != "body_len"}, body), "body_len"),
+        "body not zstd": (rebuild({**h, "body_len": len(body)}, b"\x00" * len(body)), "zstd"),
+        "zstd bomb over the cap": (rebuild({**f32h, "body_len": len(bomb)}, bomb), "expected"),
+        "no content size": (rebuild({**f32h, "body_len": len(no_size)}, no_size), "content size"),
+        "trailing zstd frame": (rebuild({**f32h, "body_len": len(f32body) * 2}, f32body * 2), "trailing"),
+        "nan in f32 body": (_f32_frame(nan), "NaN"),
+    }
+
+
+def _f32_frame(values: np.ndarray) -> bytes:
+    body = zstandard.ZstdCompressor().compress(values.tobytes())
+    header = {"v": 1, "codec": "f32", "shape": [4, D], "dtype": "f32", "scales": None, "body_len": len(body),
+              "extras": {}}  # fmt: skip
+    return rebuild(header, body)
+
+
+@pytest.mark.parametrize("case", list(bad_frames()))
+def test_bad_frame_raises_codec_error(case):
+    frame, message = bad_frames()[case]
+    with pytest.raises(CodecError, match=message):
+        decode(frame, hidden_size=D, max_decoded_bytes=16 << 20)
+
+
+def test_not_bytes_is_rejected():
+    with pytest.raises(CodecError, match="bytes"):
+        decode("frame")  # type: ignore[arg-type]
+
+
+def test_random_corruption_only_ever_raises_codec_error():
+    rng = random.Random(5)
+    frames = [good(n) for n in CODECS]
+    for _ in range(3000):
+        f = bytearray(rng.choice(frames))
+        for _ in range(rng.randint(1, 4)):
+            f[rng.randrange(len(f))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            f = f[: rng.randrange(len(f))]
+        try:
+            y = decode(bytes(f), hidden_size=D)
+        except CodecError:
+            continue
+        assert torch.isfinite(y).all() and y.shape[-1] == D
