@@ -34,9 +34,9 @@ def generate(
             logits = step(torch.tensor([[token]]))
 
 
-def model_step(model: ModelSlice, batch: int = 1) -> StepFn:
+def model_step(model: ModelSlice) -> StepFn:
     """Step function of a whole model (embedding .. lm_head) with a fresh KV cache."""
     if not (model.has_embed and model.has_head):
         raise ValueError("model_step needs a slice with both the embedding and the lm_head")
-    cache = model.new_cache(batch)
+    cache = model.new_cache()
     return lambda ids: model(ids, cache, last_only=True)[0, -1]
