@@ -38,7 +38,7 @@ class KVCache:
     @property
     def used_bytes(self) -> int:
         per_pos = 2 * self.num_layers * self.batch * self.num_kv_heads * self.head_dim
-        return per_pos * self.length * torch.empty((), dtype=self.dtype).element_size()
+        return per_pos * self.length * self.dtype.itemsize
 
     def reserve(self, new_length: int) -> None:
         """Make room for `new_length` positions, growing by whole chunks."""

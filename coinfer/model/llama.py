@@ -135,14 +135,16 @@ class ModelSlice(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(start, stop))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if head else None
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size) if head else None
-        self.register_buffer("inv_freq", cfg.rope_inv_freq(), persistent=False)
+        # a plain attribute, not a buffer: .to(bfloat16) on the model must not round the RoPE frequencies
+        self.inv_freq = cfg.rope_inv_freq()
 
     @property
     def num_layers(self) -> int:
         return self.stop - self.start
 
     def new_cache(self, batch: int = 1, chunk: int = 256) -> KVCache:
-        dtype = next(self.parameters()).dtype if any(True for _ in self.parameters()) else torch.float32
+        first = next(self.parameters(), None)  # a slice may hold no parameters at all
+        dtype = first.dtype if first is not None else torch.float32
         return KVCache(self.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, batch=batch, dtype=dtype, chunk=chunk)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
