@@ -6,11 +6,12 @@ VENV      ?= .venv
 BIN       := $(VENV)/bin
 MODEL_DIR ?= models/smollm2-135m-instruct
 PROMPT    ?= What is the capital of France? Answer in one sentence.
-SPLIT     ?= 15
-CODEC     ?= int8
+SPLIT     ?= auto
+CODEC     ?= f16
+GEN_SPLIT ?= 15
 STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model run test unit integration bench clean
+.PHONY: setup model run generate test unit integration bench protos clean
 
 setup: $(STAMP)
 
@@ -27,8 +28,17 @@ model: $(MODEL_DIR)/coinfer.json
 $(MODEL_DIR)/coinfer.json: | $(STAMP)
 	$(BIN)/coinfer prepare --out $(MODEL_DIR) --force
 
+# the edge server and the device agent on localhost until Ctrl-C (prints a curl and an OpenAI example)
 run: setup model
-	$(BIN)/coinfer generate "$(PROMPT)" --model $(MODEL_DIR) --split $(SPLIT) --codec $(CODEC)
+	$(BIN)/coinfer up --model $(MODEL_DIR) --split $(SPLIT) --codec $(CODEC)
+
+# one prompt through head -> codec -> tail in one process, no servers
+generate: setup model
+	$(BIN)/coinfer generate "$(PROMPT)" --model $(MODEL_DIR) --split $(GEN_SPLIT) --codec $(CODEC)
+
+# regenerate coinfer/v1 from protos/ (grpcio-tools is pinned, so the output is reproducible)
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/coinfer/v1/edge.proto
 
 test: setup model
 	COINFER_REQUIRE_MODEL=1 COINFER_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest tests
@@ -41,6 +51,7 @@ integration: setup model
 
 bench: setup model
 	$(BIN)/python benchmarks/decode_speed.py --model $(MODEL_DIR)
+	$(BIN)/python benchmarks/split_overhead.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache

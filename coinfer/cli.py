@@ -56,6 +56,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from coinfer.launcher import up
+
+    agent_args = ["--split", args.split, "--codec", args.codec]
+    return up(args.model, args.port, args.grpc_port, args.ops_port, agent_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="coinfer", description="Device-edge cooperative inference of split LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -79,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
     g.set_defaults(func=_cmd_generate)
+
+    u = sub.add_parser("up", help="run an edge server and a device agent on this machine until Ctrl-C (make run)")
+    u.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"prepared model dir (default: {DEFAULT_MODEL_DIR})")
+    u.add_argument("--port", type=int, default=8000, help="device agent REST port (default: 8000)")
+    u.add_argument("--grpc-port", type=int, default=50051, help="edge gRPC port (default: 50051)")
+    u.add_argument("--ops-port", type=int, default=8081, help="edge ops HTTP port (default: 8081)")
+    u.add_argument("--split", default="auto", help="default split of the device agent: 0..N or auto (default: auto)")
+    u.add_argument("--codec", default="f16", help="default codec: f32, f16, int8, int4 (default: f16)")
+    u.set_defaults(func=_cmd_up)
     return p
 
 

@@ -1,2 +1,5 @@
-"""Edge server: runs the tail of the split model with per-session KV caches behind gRPC.
-(Serving lands with the split-serving issue.)"""
+"""coinfer edge server: the tail of a split model over gRPC, with per-session KV caches.
+
+tail.py (TailRunner), sessions.py (session store), service.py (gRPC servicer),
+api.py (ops HTTP), server.py (assembly), config.py, cli.py (`edge-server`).
+"""

@@ -144,6 +144,26 @@ class ModelSlice(nn.Module):
     def num_layers(self) -> int:
         return self.stop - self.start
 
+    def narrow(self, start: int, stop: int) -> "ModelSlice":
+        """Layers [start, stop) of this slice as a new slice that shares its parameters.
+
+        It keeps the embedding only when it starts where this slice starts, and
+        norm + lm_head only when it stops where this one stops: one loaded edge
+        tail [m, N) serves every split k >= m without a copy.
+        """
+        if not self.start <= start <= stop <= self.stop:
+            raise ValueError(f"[{start}, {stop}) is not inside this slice [{self.start}, {self.stop})")
+        with torch.device("meta"):
+            view = ModelSlice(self.cfg, start, start, embed=False, head=False)
+        view.stop = stop
+        view.layers = nn.ModuleList(self.layers[start - self.start : stop - self.start])
+        if start == self.start and self.has_embed:
+            view.has_embed, view.embed_tokens = True, self.embed_tokens
+        if stop == self.stop and self.has_head:
+            view.has_head, view.norm, view.lm_head = True, self.norm, self.lm_head
+        view.inv_freq = self.inv_freq
+        return view
+
     def new_cache(self, batch: int = 1, chunk: int = 256) -> KVCache:
         first = next(self.parameters(), None)  # a slice may hold no parameters at all
         dtype = first.dtype if first is not None else torch.float32

@@ -1,0 +1,1 @@
+"""The device agent's REST API: protocol.py (pydantic), logic.py, routes/, app.py (factory)."""

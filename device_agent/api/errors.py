@@ -1,0 +1,37 @@
+"""Errors in OpenAI's body shape, {"error": {message, type, param, code}}, with the right HTTP status."""
+
+from __future__ import annotations
+
+import grpc
+from fastapi.responses import JSONResponse
+
+from device_agent.api.protocol import ErrorBody, ErrorResponse
+from device_agent.edge_client import EdgeError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def from_edge(e: EdgeError) -> APIError:
+    """Map an edge status to what the app should do: fix the request (4xx) or retry later (5xx)."""
+    c = grpc.StatusCode
+    if e.code == c.INVALID_ARGUMENT:
+        return APIError(400, f"edge rejected the request: {e.details}", code="edge_invalid_argument")
+    if e.code == c.RESOURCE_EXHAUSTED:
+        return APIError(503, f"edge is busy: {e.details}", "server_error", "edge_busy", headers={"Retry-After": "1"})
+    if e.code in (c.UNAVAILABLE, c.DEADLINE_EXCEEDED, c.ABORTED, c.NOT_FOUND):
+        return APIError(503, f"edge unavailable: {e.details}", "server_error", "edge_unavailable",
+                        headers={"Retry-After": "2"})
+    return APIError(502, f"edge error {e.code.name}: {e.details}", "server_error", "edge_error")

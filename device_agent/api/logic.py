@@ -1,0 +1,161 @@
+"""Serving logic between the OpenAI protocol and the Engine: requests in, bodies and SSE chunks out.
+
+Synchronous on purpose: it runs in the threadpool (the model and gRPC calls block).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+from pydantic import BaseModel
+
+from coinfer.model.sampling import SamplingParams
+from device_agent.api import protocol as p
+from device_agent.api.errors import APIError, from_edge
+from device_agent.edge_client import EdgeError
+from device_agent.generate import Delta, Engine, GenerationRequest, RequestError, Result
+
+
+def sse(obj: BaseModel | dict | str) -> str:
+    data = obj if isinstance(obj, str) else json.dumps(obj if isinstance(obj, dict) else obj.model_dump(exclude_none=True))
+    return f"data: {data}\n\n"
+
+
+def _usage(r: Result) -> p.Usage:
+    return p.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                   total_tokens=r.prompt_tokens + r.completion_tokens)
+
+
+class ServingLogic:
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+        self.created = int(time.time())
+
+    # -- requests --------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           code="model_not_found", param="model")
+
+    def _request(self, body: p._Request, prompt_ids: list[int], max_tokens: int | None, default: int) -> GenerationRequest:
+        ctx = self.engine.context
+        if max_tokens is None:  # as vLLM: the default, but never past the context
+            max_tokens = max(1, min(default, ctx - len(prompt_ids)))
+        try:
+            sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return GenerationRequest(prompt_ids, max_tokens, sampling, body.stop, body.split, body.codec)
+
+    def chat_request(self, body: p.ChatCompletionRequest) -> GenerationRequest:
+        self._check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = self.engine.tokenizer.encode_chat(messages)
+        except Exception as e:  # template errors (e.g. roles the template rejects) are the request's fault
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return self._request(body, ids, max_tokens, self.engine.settings.default_max_tokens)
+
+    def completion_request(self, body: p.CompletionRequest) -> GenerationRequest:
+        self._check_model(body.model)
+        if isinstance(body.prompt, str):
+            ids = self.engine.tokenizer.encode(body.prompt)
+        else:
+            vocab = self.engine.head.cfg.vocab_size
+            if any(not 0 <= i < vocab for i in body.prompt):
+                raise APIError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+            ids = list(body.prompt)
+        return self._request(body, ids, body.max_tokens, 16)  # OpenAI's default for completions
+
+    # -- running ---------------------------------------------------------------------------
+    def start(self, req: GenerationRequest) -> tuple[Delta | Result, Iterator[Delta | Result]]:
+        """Validate and run up to the first event, so that errors become a status code, not a broken stream."""
+        events = self.engine.stream(req)
+        try:
+            return next(events), events
+        except RequestError as e:
+            raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
+        except EdgeError as e:
+            raise from_edge(e) from None
+
+    def collect(self, req: GenerationRequest) -> tuple[str, Result]:
+        first, events = self.start(req)
+        text, result = [], None
+        try:
+            for ev in _chain(first, events):
+                if isinstance(ev, Delta):
+                    text.append(ev.text)
+                else:
+                    result = ev
+        except EdgeError as e:
+            raise from_edge(e) from None
+        return "".join(text), result
+
+    def chat_response(self, req: GenerationRequest) -> p.ChatCompletion:
+        text, r = self.collect(req)
+        return p.ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
+            choices=[p.ChatChoice(message=p.ResponseMessage(content=text), finish_reason=r.finish_reason)],
+            usage=_usage(r), coinfer=r.stats.to_dict())
+
+    def completion_response(self, req: GenerationRequest) -> p.Completion:
+        text, r = self.collect(req)
+        return p.Completion(
+            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
+            choices=[p.CompletionChoice(text=text, finish_reason=r.finish_reason)],
+            usage=_usage(r), coinfer=r.stats.to_dict())
+
+    # -- streaming -------------------------------------------------------------------------
+    def chat_stream(self, first, events, include_usage: bool) -> Iterator[str]:
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta: p.Delta | None, finish: str | None = None, **extra) -> str:
+            choices = [] if delta is None else [p.ChatChunkChoice(delta=delta, finish_reason=finish)]
+            return sse(p.ChatCompletionChunk(id=cid, created=created, model=self.model_name, choices=choices, **extra))
+
+        yield chunk(p.Delta(role="assistant", content=""))
+        yield from self._stream(first, events, include_usage, lambda text, finish=None, **kw: chunk(
+            p.Delta(content=text or None), finish, **kw), lambda usage: chunk(None, usage=usage))
+
+    def completion_stream(self, first, events, include_usage: bool) -> Iterator[str]:
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str | None, finish: str | None = None, **extra) -> str:
+            choices = [] if text is None else [p.CompletionChoice(text=text, finish_reason=finish)]
+            return sse(p.Completion(id=cid, created=created, model=self.model_name, choices=choices, **extra))
+
+        yield from self._stream(first, events, include_usage, chunk, lambda usage: chunk(None, usage=usage))
+
+    def _stream(self, first, events, include_usage: bool, text_chunk, usage_chunk) -> Iterator[str]:
+        """One chunk per text piece, a final chunk with finish_reason + coinfer, [usage chunk], [DONE]."""
+        for ev in self._guarded(first, events):
+            if isinstance(ev, str):
+                yield ev
+            elif isinstance(ev, Delta):
+                if ev.text:
+                    yield text_chunk(ev.text)
+            else:
+                yield text_chunk("", ev.finish_reason, coinfer=ev.stats.to_dict())
+                if include_usage:
+                    yield usage_chunk(_usage(ev))
+        yield sse("[DONE]")
+
+    def _guarded(self, first, events) -> Iterator[Delta | Result | str]:
+        """Events; an error after the stream started becomes one SSE error event (the status is already 200)."""
+        try:
+            yield from _chain(first, events)
+        except EdgeError as e:
+            yield sse(from_edge(e).body())
+        except RequestError as e:
+            yield sse(APIError(400, str(e)).body())
+        finally:
+            events.close()
+
+
+def _chain(first, events) -> Iterator[Delta | Result]:
+    yield first
+    yield from events

@@ -1,0 +1,98 @@
+"""`device-agent`: the OpenAI-compatible REST API on the device, running the head of a split model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from coinfer.settings_cli import add_settings_flags, settings_from_args, setup_logging
+from device_agent.config import AgentSettings
+
+log = logging.getLogger("coinfer.device")
+
+
+def build_app(settings: AgentSettings):
+    """Load the head and tokenizer, connect the edge client, return the FastAPI app."""
+    import torch
+
+    from coinfer.model.tokenizer import Tokenizer
+    from device_agent.api.app import create_app
+    from device_agent.edge_client import EdgeClient, EdgeError
+    from device_agent.generate import Engine
+    from device_agent.head import HeadRunner
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    head = HeadRunner(settings.model_dir, settings.max_device_layers)
+    edge = None
+    if settings.edge:
+        edge = EdgeClient(settings.edge, settings.connect_timeout_seconds, settings.request_timeout_seconds,
+                          settings.max_message_bytes)
+        try:
+            d = edge.describe()
+            if d.fingerprint != head.fingerprint:
+                log.error("edge %s serves other weights: edge %s, device %s", settings.edge, d.fingerprint,
+                          head.fingerprint)
+        except EdgeError as e:
+            log.warning("edge %s not reachable at start (%s); will retry per request", settings.edge, e.code.name)
+    engine = Engine(settings, head, Tokenizer(settings.model_dir), edge)
+    return create_app(engine, settings.model_name or Path(settings.model_dir).resolve().name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="device-agent",
+        description="coinfer device agent: OpenAI-compatible REST API (/v1/chat/completions, /v1/completions, "
+                    "/v1/models, /healthz, /readyz, /metrics) that runs layers [0, k) of a split model here and "
+                    "the rest on an edge server. Every flag can also be set as a COINFER_ environment variable.",
+    )
+    add_settings_flags(p, AgentSettings)
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = settings_from_args(AgentSettings, args, parser)
+    setup_logging(args.log_level)
+    import uvicorn
+
+    try:
+        app = build_app(settings)
+    except (OSError, ValueError) as e:
+        print(f"device-agent: {e}", file=sys.stderr)
+        return 1
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=10)
+    return serve(uvicorn.Server(config), settings.host)
+
+
+def serve(server, host: str) -> int:
+    """Run uvicorn in a thread (so that it leaves signals to us), stop it on SIGTERM / SIGINT, exit 0."""
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    if not server.started:
+        print("device-agent: the HTTP server did not start (port in use?)", file=sys.stderr)
+        return 1
+    port = server.servers[0].sockets[0].getsockname()[1]
+    print(f"READY http=http://{host}:{port}", flush=True)  # machine-readable, for launchers and tests
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5) and thread.is_alive():
+        pass
+    server.should_exit = True
+    thread.join(timeout=20)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""gRPC client of the edge: one bidi stream per request, deadlines, byte accounting."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+
+from coinfer.v1 import edge_pb2 as pb
+from coinfer.v1 import edge_pb2_grpc
+
+# statuses after which the session is gone but the edge (or another) may take a replay
+# (CANCELLED: we never read after cancelling ourselves, so it means the edge dropped the stream)
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND,
+                       grpc.StatusCode.CANCELLED})
+
+
+class EdgeError(RuntimeError):
+    """The edge refused or failed a request: carries the gRPC status code and its details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"edge: {code.name}: {details}")
+        self.code, self.details = code, details
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> "EdgeError":
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = e.details() if hasattr(e, "details") else str(e)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+class EdgeStream:
+    """One Generate stream = one edge session. send() queues a message; recv() waits for the next reply."""
+
+    def __init__(self, stub: edge_pb2_grpc.EdgeInferenceStub, open_msg: pb.Open, timeout: float) -> None:
+        self._out: queue.Queue[pb.DeviceMessage | None] = queue.Queue()
+        self.bytes_up = self.bytes_down = self.messages_up = self.messages_down = 0
+        self.send(pb.DeviceMessage(open=open_msg))
+        self._call = stub.Generate(iter(self._out.get, None), timeout=timeout,
+                                   metadata=(("x-session-id", open_msg.session_id),))
+
+    def send(self, msg: pb.DeviceMessage) -> None:
+        self.bytes_up += msg.ByteSize()
+        self.messages_up += 1
+        self._out.put(msg)
+
+    def recv(self, expect: str) -> pb.EdgeMessage:
+        """The next reply, which must be of kind `expect` (opened / token / done)."""
+        try:
+            msg = next(self._call)
+        except StopIteration:
+            raise EdgeError(grpc.StatusCode.UNAVAILABLE, f"stream ended while waiting for {expect}") from None
+        except grpc.RpcError as e:
+            raise EdgeError.from_rpc(e) from None
+        self.bytes_down += msg.ByteSize()
+        self.messages_down += 1
+        kind = msg.WhichOneof("kind")
+        if kind != expect:
+            raise EdgeError(grpc.StatusCode.INTERNAL, f"protocol error: expected {expect}, edge sent {kind}")
+        return getattr(msg, kind)
+
+    def close(self) -> None:
+        self._out.put(None)  # half-close: no more requests
+        self._call.cancel()
+
+
+class EdgeClient:
+    def __init__(self, address: str, connect_timeout: float = 5.0, request_timeout: float = 300.0,
+                 max_message_bytes: int = 16 << 20) -> None:
+        self.address = address
+        self.connect_timeout, self.request_timeout = connect_timeout, request_timeout
+        opts = [("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2_000)]
+        self._channel = grpc.insecure_channel(address, options=opts)
+        self._stub = edge_pb2_grpc.EdgeInferenceStub(self._channel)
+        self._describe: pb.DescribeResponse | None = None
+        self._lock = threading.Lock()
+
+    def describe(self, refresh: bool = False) -> pb.DescribeResponse:
+        with self._lock:
+            if self._describe is None or refresh:
+                try:
+                    self._describe = self._stub.Describe(pb.DescribeRequest(), timeout=self.connect_timeout,
+                                                         wait_for_ready=True)
+                except grpc.RpcError as e:
+                    raise EdgeError.from_rpc(e) from None
+            return self._describe
+
+    def probe(self, payload_bytes: int = 0, reply_bytes: int = 0) -> float:
+        """Round-trip seconds of one Probe."""
+        t0 = time.perf_counter()
+        try:
+            self._stub.Probe(pb.ProbeRequest(payload=bytes(payload_bytes), reply_bytes=reply_bytes),
+                             timeout=self.connect_timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise EdgeError.from_rpc(e) from None
+        return time.perf_counter() - t0
+
+    def open(self, open_msg: pb.Open) -> tuple[EdgeStream, pb.Opened]:
+        """Wait (up to connect_timeout) for the channel, open a session, read Opened."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
+        except grpc.FutureTimeoutError:
+            raise EdgeError(grpc.StatusCode.UNAVAILABLE, f"edge {self.address} not reachable "
+                                                         f"within {self.connect_timeout:.1f} s") from None
+        stream = EdgeStream(self._stub, open_msg, self.request_timeout)
+        try:
+            return stream, stream.recv("opened")
+        except EdgeError:
+            stream.close()
+            raise
+
+    def close(self) -> None:
+        self._channel.close()

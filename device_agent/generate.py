@@ -1,0 +1,272 @@
+"""One request end to end: choose the split, run the head, stream to the edge, detokenize.
+
+Split k = N runs on the device alone; k = 0 sends token ids and the edge generates on its
+own; 0 < k < N runs layers [0, k) here and sends one hidden-state frame per token. The
+token history is kept so a lost edge session is reopened and replayed (prefill again);
+with every replay spent, a device that holds all layers finishes the request itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from coinfer import codec as codecs
+from coinfer.model.kv_cache import KVCache
+from coinfer.model.sampling import Sampler, SamplingParams
+from coinfer.model.tokenizer import Tokenizer
+from coinfer.v1 import edge_pb2 as pb
+from device_agent.config import AgentSettings
+from device_agent.edge_client import EdgeClient, EdgeError
+from device_agent.head import HeadRunner
+from device_agent.metrics import AgentMetrics
+from device_agent.text import TextAssembler
+
+log = logging.getLogger("coinfer.device")
+FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+
+class RequestError(ValueError):
+    """The request cannot be served as asked (bad split, codec, length): a 400 for the user."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    split: int | str | None = None  # None -> the agent's default
+    codec: str | None = None
+
+
+@dataclass
+class Delta:
+    text: str
+    token_id: int
+    logprob: float
+
+
+@dataclass
+class RunStats:
+    split: int
+    codec: str
+    reason: str
+    bytes_up: int = 0
+    bytes_down: int = 0
+    messages_up: int = 0
+    messages_down: int = 0
+    replays: int = 0
+    fallback: bool = False
+    device_compute: float = 0.0
+    edge_compute: float = 0.0
+    edge_queue: float = 0.0
+    edge_decode: float = 0.0
+    edge_wait: float = 0.0  # time blocked on the edge's replies
+    ttft: float = 0.0
+    total: float = 0.0
+
+    def add_stream(self, s) -> None:
+        self.bytes_up += s.bytes_up
+        self.bytes_down += s.bytes_down
+        self.messages_up += s.messages_up
+        self.messages_down += s.messages_down
+
+    def to_dict(self) -> dict:
+        network = max(0.0, self.edge_wait - self.edge_compute - self.edge_queue - self.edge_decode)
+        return {
+            "split": self.split, "codec": self.codec, "split_reason": self.reason,
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+            "messages_up": self.messages_up, "messages_down": self.messages_down,
+            "replays": self.replays, "local_fallback": self.fallback,
+            "timings": {
+                "ttft_seconds": self.ttft, "total_seconds": self.total,
+                "device_compute_seconds": self.device_compute, "edge_compute_seconds": self.edge_compute,
+                "edge_queue_seconds": self.edge_queue, "edge_decode_seconds": self.edge_decode,
+                "network_seconds": network,
+            },
+        }
+
+
+@dataclass
+class Result:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    stats: RunStats
+
+
+class Engine:
+    """Everything a request needs on the device: tokenizer, head weights, edge client, metrics."""
+
+    def __init__(self, settings: AgentSettings, head: HeadRunner, tokenizer: Tokenizer,
+                 edge: EdgeClient | None, metrics: AgentMetrics | None = None) -> None:
+        self.settings, self.head, self.tokenizer, self.edge = settings, head, tokenizer, edge
+        self.metrics = metrics or AgentMetrics()
+        self.num_layers = head.cfg.num_layers
+        self.context = head.cfg.max_position_embeddings
+
+    def resolve(self, split: int | str | None, codec: str | None) -> tuple[int, str, str]:
+        """(split, codec, reason) for a request; RequestError when it cannot be served."""
+        codec = codec or self.settings.codec
+        if codec not in codecs.CODECS:
+            raise RequestError(f"unknown codec {codec!r}; choose one of {', '.join(codecs.CODECS)}")
+        split = self.settings.split if split is None else split
+        n = self.num_layers
+        if split == "auto":
+            k = min(self.settings.auto_split, n, self.head.max_layers)
+            reason = f"auto: static default split {k} (bandwidth-aware planning not enabled yet)"
+            if self.edge is None and self.head.holds_all_layers:
+                k, reason = n, "auto: no edge configured, device runs all layers"
+        else:
+            try:
+                k = int(split)
+            except (TypeError, ValueError):
+                raise RequestError(f"split must be an integer 0..{n} or 'auto', got {split!r}") from None
+            reason = "requested"
+        if not 0 <= k <= n:
+            raise RequestError(f"split {k} is out of range 0..{n}")
+        if k > self.head.max_layers:
+            raise RequestError(f"split {k} needs {k} layers on the device; it holds {self.head.max_layers}")
+        if k < n and self.edge is None:
+            raise RequestError(f"split {k} needs an edge server and none is configured")
+        return k, codec, reason
+
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens == 0:
+            raise RequestError("the prompt is empty")
+        if prompt_tokens + max_tokens > self.context:
+            raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
+                               f"model's context of {self.context} tokens")
+
+    def stream(self, req: GenerationRequest) -> Iterator[Delta | Result]:
+        """Yields Delta per token as it arrives, then one Result. Raises RequestError, EdgeError."""
+        self.check_length(len(req.prompt_ids), req.max_tokens)
+        k, codec, reason = self.resolve(req.split, req.codec)
+        stats = RunStats(k, codec if 0 < k < self.num_layers else ("token_ids" if k == 0 else "none"), reason)
+        text = TextAssembler(self.tokenizer, req.stop)
+        self.metrics.split_layer.set(k)
+        self.metrics.active_requests.inc()
+        t0 = last = time.perf_counter()
+        n, finish = 0, "length"
+        try:
+            source = self._local(req, req.prompt_ids, req.max_tokens, stats) if k == self.num_layers \
+                else self._remote(req, k, codec, stats)
+            try:
+                for token, logprob, done in source:
+                    now = time.perf_counter()
+                    if n == 0:
+                        stats.ttft = now - t0
+                        self.metrics.ttft.observe(stats.ttft)
+                    else:
+                        self.metrics.itl.observe(now - last)
+                    last, n = now, n + 1
+                    piece = text.push(token)
+                    if text.stopped:
+                        finish = "stop"
+                        if piece:
+                            yield Delta(piece, token, logprob)
+                        break
+                    yield Delta(piece, token, logprob)
+                    if done:
+                        finish = done
+            finally:
+                source.close()
+            if rest := text.flush():
+                yield Delta(rest, -1, 0.0)
+        finally:
+            self.metrics.active_requests.dec()
+            self.metrics.tokens.labels("device" if k == self.num_layers else "edge" if k == 0 else "split").inc(n)
+            self.metrics.wire_bytes.labels("up").inc(stats.bytes_up)
+            self.metrics.wire_bytes.labels("down").inc(stats.bytes_down)
+        stats.total = time.perf_counter() - t0
+        yield Result(finish, len(req.prompt_ids), n, stats)
+
+    # -- token sources: yield (token id, logprob, finish reason or None) ---------------------
+    def _local(self, req: GenerationRequest, history: list[int], max_new: int, stats: RunStats):
+        view = self.head.view(self.num_layers)
+        cache = view.new_cache()
+        sampler, stops = Sampler(req.sampling), self.tokenizer.eos_token_ids
+        ids = list(history)
+        for i in range(max_new):
+            logits, dt = self.head.forward(view, ids, cache, last_only=True)
+            stats.device_compute += dt
+            token, logprob = sampler(logits[0, -1])
+            finish = "stop" if token in stops else "length" if i + 1 == max_new else None
+            yield token, logprob, finish
+            if finish:
+                return
+            ids = [token]
+
+    def _remote(self, req: GenerationRequest, k: int, codec: str, stats: RunStats):
+        history = list(req.prompt_ids)  # every token the edge session must hold
+        generated = 0
+        while True:
+            try:
+                for token, logprob, finish in self._session(req, k, codec, history, req.max_tokens - generated, stats):
+                    history.append(token)
+                    generated += 1
+                    yield token, logprob, finish
+                return
+            except EdgeError as e:
+                self.metrics.edge_errors.labels(e.code.name).inc()
+                if not e.retryable:
+                    raise
+                if stats.replays < self.settings.replays:
+                    stats.replays += 1
+                    self.metrics.replays.inc()
+                    log.warning("edge session lost (%s); replaying %d tokens", e, len(history))
+                    time.sleep(min(0.2 * 2 ** stats.replays, 2.0))
+                    continue
+                if not self.head.holds_all_layers:
+                    raise
+                log.warning("edge lost (%s); finishing on the device", e)
+                stats.fallback = True
+                self.metrics.fallbacks.inc()
+                yield from self._local(req, history, req.max_tokens - generated, stats)
+                return
+
+    def _session(self, req: GenerationRequest, k: int, codec: str, history: list[int], max_new: int,
+                 stats: RunStats):
+        sp = req.sampling
+        open_msg = pb.Open(
+            session_id=uuid.uuid4().hex, fingerprint=self.head.fingerprint, split=k, codec=codec,
+            sampling=pb.Sampling(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed),
+            max_new_tokens=max_new, stop_ids=sorted(self.tokenizer.eos_token_ids))
+        t0 = time.perf_counter()
+        stream, _ = self.edge.open(open_msg)
+        stats.edge_wait += time.perf_counter() - t0
+        try:
+            if k == 0:
+                stream.send(pb.DeviceMessage(prefill=pb.Prefill(token_ids=history)))
+            else:
+                view = self.head.view(k)
+                cache = view.new_cache()
+                stream.send(pb.DeviceMessage(prefill=pb.Prefill(frame=self._frame(view, history, cache, codec, stats))))
+            while True:
+                t0 = time.perf_counter()
+                tok = stream.recv("token")
+                stats.edge_wait += time.perf_counter() - t0
+                stats.edge_compute += tok.timings.compute_seconds
+                stats.edge_queue += tok.timings.queue_seconds
+                stats.edge_decode += tok.timings.decode_seconds
+                finish = FINISH.get(tok.finish_reason)
+                yield tok.id, tok.logprob, finish
+                if finish:
+                    stream.recv("done")
+                    return
+                if k > 0:
+                    stream.send(pb.DeviceMessage(step=pb.Step(frame=self._frame(view, [tok.id], cache, codec, stats))))
+        finally:
+            stream.close()
+            stats.add_stream(stream)
+
+    def _frame(self, view, ids: list[int], cache: KVCache, codec: str, stats: RunStats) -> bytes:
+        hidden, dt = self.head.forward(view, ids, cache)  # [1, T, d]
+        t0 = time.perf_counter()
+        frame = codecs.encode(hidden[0], codec)
+        stats.device_compute += dt + (time.perf_counter() - t0)
+        return frame

@@ -1,0 +1,26 @@
+"""Edge server settings: defaults < `COINFER_*` environment variables < command-line flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from coinfer.model.prepare import DEFAULT_MODEL_DIR
+
+
+class EdgeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COINFER_", extra="ignore")
+
+    model_dir: str = Field(DEFAULT_MODEL_DIR, description="prepared model dir (coinfer prepare)")
+    host: str = Field("127.0.0.1", description="address the gRPC and ops servers bind to")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    ops_port: int = Field(8081, ge=0, le=65535, description="ops HTTP port: /healthz /readyz /metrics /v1/info")
+    min_split: int = Field(0, ge=0, description="lowest split served; the edge loads layers [min_split, N)")
+    max_sessions: int = Field(16, ge=1, description="concurrent sessions; more get RESOURCE_EXHAUSTED")
+    max_context_tokens: int = Field(0, ge=0, description="prompt + new tokens per session (0 = the model's context)")
+    max_new_tokens: int = Field(2048, ge=1, description="generated tokens per session")
+    max_message_bytes: int = Field(16 << 20, ge=1024, description="largest gRPC message, bytes")
+    max_frame_bytes: int = Field(64 << 20, ge=1024, description="largest decoded tensor frame, bytes")
+    workers: int = Field(32, ge=2, description="gRPC handler threads (one per open stream)")
+    grace_seconds: float = Field(10.0, ge=0, description="SIGTERM: time in-flight sessions get to finish, s")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")

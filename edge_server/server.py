@@ -1,0 +1,91 @@
+"""Assembles the edge: TailRunner + gRPC server (service, health, reflection) + ops HTTP app.
+
+`EdgeServer.start()` returns once both ports listen; `stop()` drains: health goes
+NOT_SERVING, new sessions get UNAVAILABLE, in-flight ones get `grace_seconds` to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+import torch
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coinfer.v1 import edge_pb2, edge_pb2_grpc
+from edge_server.api import create_ops_app
+from edge_server.config import EdgeSettings
+from edge_server.metrics import EdgeMetrics
+from edge_server.service import EdgeService
+from edge_server.tail import TailRunner
+
+log = logging.getLogger("coinfer.edge")
+SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeInference"].full_name
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class EdgeServer:
+    def __init__(self, settings: EdgeSettings) -> None:
+        self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        runner = TailRunner(settings.model_dir, settings.min_split, settings.max_frame_bytes)
+        self.service = EdgeService(runner, settings, EdgeMetrics())
+        self.health = health.HealthServicer()
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
+                                options=grpc_options(settings.max_message_bytes))
+        edge_pb2_grpc.add_EdgeInferenceServicer_to_server(self.service, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc)
+        self.grpc_port = self.grpc.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
+        self._ops = uvicorn.Server(uvicorn.Config(create_ops_app(self.service), host=settings.host,
+                                                  port=settings.ops_port, log_level="warning", lifespan="off"))
+        self._ops_thread = threading.Thread(target=self._ops.run, name="ops-http", daemon=True)
+
+    @property
+    def ops_port(self) -> int:
+        return self._ops.servers[0].sockets[0].getsockname()[1] if self._ops.started else 0
+
+    def start(self) -> None:
+        self.grpc.start()
+        self._ops_thread.start()
+        while not self._ops.started and self._ops_thread.is_alive():
+            threading.Event().wait(0.02)
+        if not self._ops.started:
+            raise OSError(f"ops HTTP server failed to start on {self.settings.host}:{self.settings.ops_port}")
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("edge ready: gRPC %s:%d, ops http://%s:%d, layers [%d, %d), fingerprint %s",
+                 self.settings.host, self.grpc_port, self.settings.host, self.ops_port,
+                 self.service.runner.min_split, self.service.runner.cfg.num_layers, self.service.runner.fingerprint)
+
+    def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("edge draining (grace %.1f s)", grace)
+        self.service.draining.set()
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+        self._ops.should_exit = True
+        self._ops_thread.join(timeout=5)
+        log.info("edge stopped")
+
+    def wait(self) -> None:
+        self.grpc.wait_for_termination()

@@ -1,0 +1,117 @@
+"""TailRunner: the edge's part of the model, layers [k, N) + norm + lm_head, and sampling.
+
+The edge loads layers [min_split, N) once; a session at split k runs a parameter-sharing
+view of [k, N). At k = 0 the view includes the embedding and the edge runs the whole model.
+Forward passes are serialized by one lock: on a CPU box, concurrent forwards only fight
+over the same cores (batching across sessions is the scheduler's job, a later step).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from coinfer import codec
+from coinfer.model import ModelConfig, load_slice
+from coinfer.model.kv_cache import KVCache
+from coinfer.model.llama import ModelSlice
+from coinfer.model.sampling import Sampler, SamplingParams
+from coinfer.model.weights import read_fingerprint
+
+
+@dataclass
+class Timings:
+    queue: float = 0.0  # waiting for the model lock, s
+    compute: float = 0.0  # forward + sampling, s
+    decode: float = 0.0  # tensor frame decoding, s
+
+    def add(self, other: "Timings") -> None:
+        self.queue += other.queue
+        self.compute += other.compute
+        self.decode += other.decode
+
+
+@dataclass
+class TailSession:
+    """One session's state on the edge: its slice view, KV cache, sampler and counters."""
+
+    split: int
+    codec: str
+    model: ModelSlice
+    cache: KVCache
+    sampler: Sampler
+    prompt_tokens: int = 0
+    generated: int = 0
+    total: Timings = field(default_factory=Timings)
+
+    @property
+    def position(self) -> int:
+        return self.cache.length
+
+
+class TailRunner:
+    def __init__(self, model_dir: str | Path, min_split: int = 0, max_frame_bytes: int = 64 << 20) -> None:
+        self.model_dir = Path(model_dir)
+        self.cfg = ModelConfig.from_dir(model_dir)
+        if not 0 <= min_split <= self.cfg.num_layers:
+            raise ValueError(f"min_split must be in 0..{self.cfg.num_layers}, got {min_split}")
+        self.fingerprint = read_fingerprint(model_dir)
+        self.min_split = min_split
+        self.max_frame_bytes = max_frame_bytes
+        self.model = load_slice(model_dir, min_split, self.cfg.num_layers, embed=min_split == 0, head=True)
+        self._lock = threading.Lock()
+
+    def new_session(self, split: int, codec_name: str, sampling: SamplingParams) -> TailSession:
+        """Caller has validated split and codec."""
+        view = self.model.narrow(split, self.cfg.num_layers)
+        return TailSession(split, codec_name, view, view.new_cache(), Sampler(sampling))
+
+    def prefill(self, s: TailSession, frame: bytes | None, token_ids: list[int]) -> tuple[int, float, Timings]:
+        """Run the prompt; return the first generated token. Raises codec.CodecError, ValueError."""
+        t = Timings()
+        if s.split == 0:
+            if not token_ids:
+                raise ValueError("prefill at split 0 needs token_ids")
+            if max(token_ids) >= self.cfg.vocab_size:
+                raise ValueError(f"token id {max(token_ids)} is outside the vocabulary (size {self.cfg.vocab_size})")
+            x = torch.tensor([token_ids])
+        else:
+            x = self._decode(frame, t)
+        s.prompt_tokens = x.shape[1]
+        if s.prompt_tokens == 0:
+            raise ValueError("prefill is empty")
+        return (*self._forward(s, x, t), t)
+
+    def step(self, s: TailSession, frame: bytes | None, token_id: int | None) -> tuple[int, float, Timings]:
+        """One decode step: the hidden state (k > 0) or id (k = 0) of the last token -> the next token."""
+        t = Timings()
+        x = torch.tensor([[token_id]]) if s.split == 0 else self._decode(frame, t)
+        if x.shape[1] != 1:
+            raise ValueError(f"a step carries exactly 1 token, got {x.shape[1]}")
+        return (*self._forward(s, x, t), t)
+
+    def _decode(self, frame: bytes | None, t: Timings) -> torch.Tensor:
+        if not frame:
+            raise ValueError("a hidden-state frame is required at split > 0")
+        t0 = time.perf_counter()
+        hidden = codec.decode(frame, hidden_size=self.cfg.hidden_size, max_decoded_bytes=self.max_frame_bytes)
+        t.decode = time.perf_counter() - t0
+        if hidden.dim() != 2:
+            raise codec.CodecError(f"expected hidden states [T, d], got shape {tuple(hidden.shape)}")
+        return hidden[None]  # [1, T, d]
+
+    def _forward(self, s: TailSession, x: torch.Tensor, t: Timings) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        with self._lock:
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                logits = s.model(x, s.cache, last_only=True)[0, -1]  # [V]
+                token, logprob = s.sampler(logits)
+            t.queue, t.compute = t1 - t0, time.perf_counter() - t1
+        s.generated += 1
+        s.total.add(t)
+        return token, logprob

@@ -1,0 +1,61 @@
+"""Helpers for serving tests: an in-process edge server, raw gRPC sessions, reference outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+from coinfer import codec
+from coinfer.model import load_slice
+from coinfer.model.generation import generate, model_step
+from coinfer.v1 import edge_pb2 as pb
+from coinfer.v1 import edge_pb2_grpc
+
+
+@contextmanager
+def edge_server(model_dir: Path, **overrides) -> Iterator["EdgeServer"]:  # noqa: F821
+    from edge_server.config import EdgeSettings
+    from edge_server.server import EdgeServer
+
+    server = EdgeServer(EdgeSettings(model_dir=str(model_dir), grpc_port=0, ops_port=0, **overrides))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(0)
+
+
+def address(server) -> str:
+    return f"127.0.0.1:{server.grpc_port}"
+
+
+@contextmanager
+def stub(addr: str) -> Iterator[edge_pb2_grpc.EdgeInferenceStub]:
+    with grpc.insecure_channel(addr) as channel:
+        yield edge_pb2_grpc.EdgeInferenceStub(channel)
+
+
+def open_msg(fingerprint: str, split: int, codec_name: str = "f32", max_new: int = 8, **kw) -> pb.DeviceMessage:
+    return pb.DeviceMessage(open=pb.Open(session_id=kw.pop("session_id", "s-test"), fingerprint=fingerprint,
+                                         split=split, codec=codec_name, max_new_tokens=max_new, **kw))
+
+
+def session(s: edge_pb2_grpc.EdgeInferenceStub, messages: list[pb.DeviceMessage], timeout: float = 30) -> list:
+    """Send all messages, read all replies (raises grpc.RpcError on a status)."""
+    return list(s.Generate(iter(messages), timeout=timeout))
+
+
+def hidden_frame(model_dir: Path, ids: list[int], k: int, codec_name: str = "f32") -> bytes:
+    head = load_slice(model_dir, 0, k, embed=True, head=False)
+    import torch
+
+    with torch.inference_mode():
+        return codec.encode(head(torch.tensor([ids]))[0], codec_name)
+
+
+def greedy_reference(model_dir: Path, ids: list[int], n: int, stop_ids=()) -> list[int]:
+    """Greedy continuation of the whole, unsplit model."""
+    return [t for t, _ in generate(model_step(load_slice(model_dir)), ids, n, stop_ids=stop_ids)]

