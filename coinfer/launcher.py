@@ -115,7 +115,7 @@ stream = client.chat.completions.create(
     model="{model}", stream=True, max_tokens=64,
     messages=[{{"role": "user", "content": "Write a haiku about the edge."}}])
 for chunk in stream:
-    print(chunk.choices[0].delta.content or "" if chunk.choices else "", end="", flush=True)
+    print((chunk.choices[0].delta.content or "") if chunk.choices else "", end="", flush=True)
 print()
 PY
 
@@ -149,6 +149,9 @@ def up(model_dir: str | Path, port: int = 8000, grpc_port: int = 50051, ops_port
         print(f"coinfer up: {e}", file=sys.stderr)
         return 1
     finally:
+        # a second Ctrl-C must not abandon a child half-stopped; stop() escalates to SIGKILL itself
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for p in reversed(procs):
             p.stop()
         print("stopped", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,8 +19,7 @@ log = logging.getLogger("coinfer.device")
 
 def build_app(settings: AgentSettings):
     """Load the head and tokenizer, connect the edge client, return the FastAPI app."""
-    import torch
-
+    from coinfer import compute
     from coinfer.model.tokenizer import Tokenizer
     from device_agent.api.app import create_app
     from device_agent.edge_client import EdgeClient, EdgeError
@@ -27,7 +27,7 @@ def build_app(settings: AgentSettings):
     from device_agent.head import HeadRunner
 
     if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+        compute.set_num_threads(settings.torch_threads)
     head = HeadRunner(settings.model_dir, settings.max_device_layers)
     edge = None
     if settings.edge:
@@ -83,7 +83,7 @@ def serve(server, host: str) -> int:
         print("device-agent: the HTTP server did not start (port in use?)", file=sys.stderr)
         return 1
     port = server.servers[0].sockets[0].getsockname()[1]
-    print(f"READY http=http://{host}:{port}", flush=True)  # machine-readable, for launchers and tests
+    print(f"READY pid={os.getpid()} http=http://{host}:{port}", flush=True)  # machine-readable, for launchers
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

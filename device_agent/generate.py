@@ -41,6 +41,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     split: int | str | None = None  # None -> the agent's default
     codec: str | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -55,8 +56,10 @@ class RunStats:
     split: int
     codec: str
     reason: str
-    bytes_up: int = 0
+    bytes_up: int = 0  # all device -> edge messages (Open, Prefill, Steps, replays included)
     bytes_down: int = 0
+    prefill_bytes_up: int = 0  # Prefill messages
+    step_bytes_up: int = 0  # Step messages (one per generated token after the first)
     messages_up: int = 0
     messages_down: int = 0
     replays: int = 0
@@ -80,6 +83,7 @@ class RunStats:
         return {
             "split": self.split, "codec": self.codec, "split_reason": self.reason,
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+            "prefill_bytes_up": self.prefill_bytes_up, "step_bytes_up": self.step_bytes_up,
             "messages_up": self.messages_up, "messages_down": self.messages_down,
             "replays": self.replays, "local_fallback": self.fallback,
             "timings": {
@@ -185,16 +189,18 @@ class Engine:
         stats.total = time.perf_counter() - t0
         yield Result(finish, len(req.prompt_ids), n, stats)
 
+    def _stop_ids(self, req: GenerationRequest) -> frozenset[int]:
+        return frozenset() if req.ignore_eos else self.tokenizer.eos_token_ids
+
     # -- token sources: yield (token id, logprob, finish reason or None) ---------------------
     def _local(self, req: GenerationRequest, history: list[int], max_new: int, stats: RunStats):
         view = self.head.view(self.num_layers)
         cache = view.new_cache()
-        sampler, stops = Sampler(req.sampling), self.tokenizer.eos_token_ids
+        sampler, stops = Sampler(req.sampling), self._stop_ids(req)
         ids = list(history)
         for i in range(max_new):
-            logits, dt = self.head.forward(view, ids, cache, last_only=True)
+            token, logprob, dt = self.head.next_token(view, ids, cache, sampler)
             stats.device_compute += dt
-            token, logprob = sampler(logits[0, -1])
             finish = "stop" if token in stops else "length" if i + 1 == max_new else None
             yield token, logprob, finish
             if finish:
@@ -235,17 +241,19 @@ class Engine:
         open_msg = pb.Open(
             session_id=uuid.uuid4().hex, fingerprint=self.head.fingerprint, split=k, codec=codec,
             sampling=pb.Sampling(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed),
-            max_new_tokens=max_new, stop_ids=sorted(self.tokenizer.eos_token_ids))
+            max_new_tokens=max_new, stop_ids=sorted(self._stop_ids(req)))
         t0 = time.perf_counter()
         stream, _ = self.edge.open(open_msg)
         stats.edge_wait += time.perf_counter() - t0
         try:
             if k == 0:
-                stream.send(pb.DeviceMessage(prefill=pb.Prefill(token_ids=history)))
+                prefill = pb.DeviceMessage(prefill=pb.Prefill(token_ids=history))
             else:
                 view = self.head.view(k)
                 cache = view.new_cache()
-                stream.send(pb.DeviceMessage(prefill=pb.Prefill(frame=self._frame(view, history, cache, codec, stats))))
+                prefill = pb.DeviceMessage(prefill=pb.Prefill(frame=self._frame(view, history, cache, codec, stats)))
+            stats.prefill_bytes_up += prefill.ByteSize()
+            stream.send(prefill)
             while True:
                 t0 = time.perf_counter()
                 tok = stream.recv("token")
@@ -259,14 +267,14 @@ class Engine:
                     stream.recv("done")
                     return
                 if k > 0:
-                    stream.send(pb.DeviceMessage(step=pb.Step(frame=self._frame(view, [tok.id], cache, codec, stats))))
+                    step = pb.DeviceMessage(step=pb.Step(frame=self._frame(view, [tok.id], cache, codec, stats)))
+                    stats.step_bytes_up += step.ByteSize()
+                    stream.send(step)
         finally:
             stream.close()
             stats.add_stream(stream)
 
     def _frame(self, view, ids: list[int], cache: KVCache, codec: str, stats: RunStats) -> bytes:
-        hidden, dt = self.head.forward(view, ids, cache)  # [1, T, d]
-        t0 = time.perf_counter()
-        frame = codecs.encode(hidden[0], codec)
-        stats.device_compute += dt + (time.perf_counter() - t0)
+        frame, dt = self.head.hidden_frame(view, ids, cache, codec)
+        stats.device_compute += dt
         return frame

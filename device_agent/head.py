@@ -7,27 +7,25 @@ runs the whole model on the device (and is the fallback when no edge is reachabl
 
 from __future__ import annotations
 
-import threading
-import time
-from pathlib import Path
-
 import torch
 
+from coinfer import codec, compute
 from coinfer.model import ModelConfig, load_slice
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice
+from coinfer.model.sampling import Sampler
 from coinfer.model.weights import read_fingerprint
 
 
 class HeadRunner:
+    """All torch work runs on the process's compute thread (see coinfer.compute for why)."""
+
     def __init__(self, model_dir: str | Path, max_layers: int = -1) -> None:
         self.cfg = ModelConfig.from_dir(model_dir)
         n = self.cfg.num_layers
         self.max_layers = n if max_layers < 0 else min(max_layers, n)
         self.fingerprint = read_fingerprint(model_dir)
-        self.model = load_slice(model_dir, 0, self.max_layers, embed=True, head=self.max_layers == n)
-        self._lock = threading.Lock()  # one forward at a time: concurrent ones only share the same cores
-        self.compute_seconds = 0.0
+        self.model = compute.run(load_slice, model_dir, 0, self.max_layers, embed=True, head=self.max_layers == n)
 
     @property
     def holds_all_layers(self) -> bool:
@@ -38,11 +36,22 @@ class HeadRunner:
             raise ValueError(f"split {split} is out of range: this device holds layers 0..{self.max_layers}")
         return self.model.narrow(0, split)
 
-    def forward(self, view: ModelSlice, ids: list[int], cache: KVCache, last_only: bool = False) -> tuple[torch.Tensor, float]:
-        """ids -> hidden states [1, T, d] (or logits [1, 1, V] for the whole model); returns (out, seconds)."""
-        with self._lock:
-            t0 = time.perf_counter()
+    def hidden_frame(self, view: ModelSlice, ids: list[int], cache: KVCache, codec_name: str) -> tuple[bytes, float]:
+        """ids -> hidden states [T, d] after layers [0, k) -> an encoded frame; returns (frame, seconds)."""
+
+        def work() -> bytes:
             with torch.inference_mode():
-                out = view(torch.tensor([ids]), cache, last_only=last_only)
-            dt = time.perf_counter() - t0
-        return out, dt
+                return codec.encode(view(torch.tensor([ids]), cache)[0], codec_name)
+
+        frame, _, seconds = compute.run_timed(work)
+        return frame, seconds
+
+    def next_token(self, view: ModelSlice, ids: list[int], cache: KVCache, sampler: Sampler) -> tuple[int, float, float]:
+        """The whole model on the device: ids -> (next token, its logprob, seconds)."""
+
+        def work() -> tuple[int, float]:
+            with torch.inference_mode():
+                return sampler(view(torch.tensor([ids]), cache, last_only=True)[0, -1])
+
+        (token, logprob), _, seconds = compute.run_timed(work)
+        return token, logprob, seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     # machine-readable line for launchers and tests that start us on port 0
-    print(f"READY grpc={settings.host}:{server.grpc_port} ops=http://{settings.host}:{server.ops_port}", flush=True)
+    host = settings.host
+    print(f"READY pid={os.getpid()} grpc={host}:{server.grpc_port} ops=http://{host}:{server.ops_port}", flush=True)
     stop.wait()
     server.stop()
     return 0

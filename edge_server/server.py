@@ -11,11 +11,11 @@ import threading
 from concurrent import futures
 
 import grpc
-import torch
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coinfer import compute
 from coinfer.v1 import edge_pb2, edge_pb2_grpc
 from edge_server.api import create_ops_app
 from edge_server.config import EdgeSettings
@@ -42,7 +42,7 @@ class EdgeServer:
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings
         if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+            compute.set_num_threads(settings.torch_threads)
         runner = TailRunner(settings.model_dir, settings.min_split, settings.max_frame_bytes)
         self.service = EdgeService(runner, settings, EdgeMetrics())
         self.health = health.HealthServicer()

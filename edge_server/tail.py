@@ -2,20 +2,19 @@
 
 The edge loads layers [min_split, N) once; a session at split k runs a parameter-sharing
 view of [k, N). At k = 0 the view includes the embedding and the edge runs the whole model.
-Forward passes are serialized by one lock: on a CPU box, concurrent forwards only fight
-over the same cores (batching across sessions is the scheduler's job, a later step).
+Loading, forwards and sampling run on the process's one compute thread (coinfer.compute),
+which also serializes them (batching across sessions is the scheduler's job, a later step).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from coinfer import codec
+from coinfer import codec, compute
 from coinfer.model import ModelConfig, load_slice
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice
@@ -62,8 +61,8 @@ class TailRunner:
         self.fingerprint = read_fingerprint(model_dir)
         self.min_split = min_split
         self.max_frame_bytes = max_frame_bytes
-        self.model = load_slice(model_dir, min_split, self.cfg.num_layers, embed=min_split == 0, head=True)
-        self._lock = threading.Lock()
+        self.model = compute.run(load_slice, model_dir, min_split, self.cfg.num_layers, embed=min_split == 0,
+                                 head=True)
 
     def new_session(self, split: int, codec_name: str, sampling: SamplingParams) -> TailSession:
         """Caller has validated split and codec."""
@@ -105,13 +104,11 @@ class TailRunner:
         return hidden[None]  # [1, T, d]
 
     def _forward(self, s: TailSession, x: torch.Tensor, t: Timings) -> tuple[int, float]:
-        t0 = time.perf_counter()
-        with self._lock:
-            t1 = time.perf_counter()
+        def forward_and_sample() -> tuple[int, float]:
             with torch.inference_mode():
-                logits = s.model(x, s.cache, last_only=True)[0, -1]  # [V]
-                token, logprob = s.sampler(logits)
-            t.queue, t.compute = t1 - t0, time.perf_counter() - t1
+                return s.sampler(s.model(x, s.cache, last_only=True)[0, -1])  # logits [V] -> token
+
+        (token, logprob), t.queue, t.compute = compute.run_timed(forward_and_sample)
         s.generated += 1
         s.total.add(t)
         return token, logprob

@@ -48,7 +48,7 @@ class ServingLogic:
             sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        return GenerationRequest(prompt_ids, max_tokens, sampling, body.stop, body.split, body.codec)
+        return GenerationRequest(prompt_ids, max_tokens, sampling, body.stop, body.split, body.codec, body.ignore_eos)
 
     def chat_request(self, body: p.ChatCompletionRequest) -> GenerationRequest:
         self._check_model(body.model)

@@ -31,6 +31,7 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only n = 1 is supported")
     split: int | Literal["auto"] | None = None
     codec: str | None = None
+    ignore_eos: bool = False  # as vLLM: generate max_tokens even past end-of-sequence (benchmarks)
 
     @field_validator("stop")
     @classmethod

@@ -29,9 +29,11 @@ def stack(real_model_dir):
     except Exception:
         edge.kill()
         raise
-    yield edge, agent
-    assert agent.stop() == 0
-    assert edge.stop() == 0, "edge did not stop cleanly on SIGTERM:\n" + "\n".join(edge.lines)
+    try:
+        yield edge, agent
+    finally:
+        codes = agent.stop(), edge.stop()
+    assert codes == (0, 0), "a server did not stop cleanly on SIGTERM:\n" + "\n".join(edge.lines)
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +188,41 @@ def test_device_metrics(api):
                  'coinfer_wire_bytes_total{direction="down"}', "coinfer_split_layer"):
         assert name in text, name
     assert api.get("/readyz").json()["edge"]["status"] == "ok"
+
+
+def test_coinfer_up_serves_and_stops_both_on_ctrl_c(real_model_dir):
+    """What `make run` runs: both apps start, the printed curl target answers, SIGINT stops both (exit 0)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("coinfer")
+    proc = subprocess.Popen([str(exe), "up", "--model", str(real_model_dir), "--port", "0", "--grpc-port", "0",
+                             "--ops-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, url = [], None
+    deadline = time.monotonic() + 120
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if m := re.search(r"coinfer is up: device agent (http://\S+)", line):
+                url = m.group(1)
+            if "Ctrl-C stops both" in line or time.monotonic() > deadline:
+                break
+        assert url, "".join(lines)
+        assert "curl " + url + "/v1/chat/completions" in "".join(lines) and "from openai import OpenAI" in "".join(lines)
+        pids = [int(p) for p in re.findall(r"READY pid=(\d+)", "".join(lines))]
+        assert len(pids) == 2
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": real_model_dir.name, "messages": MESSAGES, "max_tokens": 4})
+        assert r.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert out.rstrip().endswith("stopped")
+    for pid in pids:  # both children are gone
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
