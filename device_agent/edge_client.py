@@ -84,11 +84,11 @@ class EdgeClient:
         self._describe: pb.DescribeResponse | None = None
         self._lock = threading.Lock()
 
-    def describe(self, refresh: bool = False) -> pb.DescribeResponse:
+    def describe(self, refresh: bool = False, timeout: float | None = None) -> pb.DescribeResponse:
         with self._lock:
             if self._describe is None or refresh:
                 try:
-                    self._describe = self._stub.Describe(pb.DescribeRequest(), timeout=self.connect_timeout,
+                    self._describe = self._stub.Describe(pb.DescribeRequest(), timeout=timeout or self.connect_timeout,
                                                          wait_for_ready=True)
                 except grpc.RpcError as e:
                     raise EdgeError.from_rpc(e) from None

@@ -23,5 +23,3 @@ class AgentMetrics:
         self.replays = Counter("coinfer_replays", "Edge sessions reopened and replayed", registry=r)
         self.fallbacks = Counter("coinfer_local_fallbacks", "Requests finished on the device, edge lost", registry=r)
         self.edge_errors = Counter("coinfer_edge_errors", "Edge errors by gRPC status", ["code"], registry=r)
-        self.kv_cache_bytes = Gauge("coinfer_kv_cache_bytes", "Device KV cache bytes of requests in flight",
-                                    registry=r)

@@ -23,7 +23,7 @@ async def readyz(request: Request) -> JSONResponse:
     body = {"device_layers": engine.head.max_layers, "num_layers": engine.num_layers, "edge": None}
     if engine.edge is not None:
         try:
-            d = await run_in_threadpool(engine.edge.describe, True)
+            d = await run_in_threadpool(engine.edge.describe, True, 1.0)  # probes must answer fast
             ok = d.fingerprint == engine.head.fingerprint
             body["edge"] = {"address": engine.edge.address, "status": "ok" if ok else "fingerprint mismatch",
                             "fingerprint": d.fingerprint, "active_sessions": d.load.active_sessions}
