@@ -130,6 +130,8 @@ def _interrupt(*_) -> None:
 def up(model_dir: str | Path, port: int = 8000, grpc_port: int = 50051, ops_port: int = 8081,
        agent_args: list[str] = (), edge_args: list[str] = ()) -> int:
     """`make run`: both apps in the foreground until Ctrl-C (or SIGTERM)."""
+    # explicit for SIGINT too: a shell that starts us in the background leaves it ignored
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     procs: list[Proc] = []
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coinfer.model.prepare import DEFAULT_MODEL_DIR
@@ -26,3 +26,10 @@ class AgentSettings(BaseSettings):
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest gRPC message, bytes")
     replays: int = Field(2, ge=0, description="times a lost edge session is reopened and replayed per request")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: str) -> str:
+        if v != "auto" and not (v.isdigit()):
+            raise ValueError(f"split must be 'auto' or a layer count 0..N, got {v!r}")
+        return v

@@ -26,7 +26,7 @@ def create_ops_app(service: EdgeService) -> FastAPI:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        service._update_gauges()
+        service.update_gauges()
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/info")

@@ -96,7 +96,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
             if gone.is_set() and outcome == "ok":
                 outcome = "client_gone"
             self.metrics.sessions.labels(outcome).inc()
-            self._update_gauges()
+            self.update_gauges()
 
     def _counted(self, it: Iterator[pb.DeviceMessage]) -> Iterator[pb.DeviceMessage]:
         for msg in it:
@@ -107,7 +107,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         self.metrics.wire_bytes.labels("out").inc(msg.ByteSize())
         return msg
 
-    def _update_gauges(self) -> None:
+    def update_gauges(self) -> None:
         self.metrics.active_sessions.set(len(self.sessions))
         self.metrics.kv_cache_bytes.set(self.sessions.kv_cache_bytes())
 
@@ -120,7 +120,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         try:
             with self.sessions.hold(op.session_id, session):
                 self.metrics.split_layer.observe(op.split)
-                self._update_gauges()
+                self.update_gauges()
                 yield self._send(pb.EdgeMessage(opened=pb.Opened(session_id=op.session_id, limits=self.limits())))
                 yield from self._run(session, op, requests, gone)
         except SessionLimitError as e:

