@@ -53,11 +53,30 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         log.exception("internal error on %s", request.url.path)
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        engine.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(RequestCounter, metrics=engine.metrics)
     return app
+
+
+class RequestCounter:
+    """Counts requests by route and status. Plain ASGI on purpose: starlette's BaseHTTPMiddleware
+    relays streamed bodies through its own channel, so an SSE client that hangs up was never seen
+    and its generation (and edge session) ran on to max_tokens."""
+
+    def __init__(self, app, metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = []
+
+        async def send_and_note(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status[0]) if status else "aborted").inc()

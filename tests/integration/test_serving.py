@@ -167,6 +167,33 @@ def test_grpc_abuse_of_the_edge_leaves_a_concurrent_session_unchanged(stack, rea
         call.cancel()
     t.join(120)
     assert result["ids"] == expected
+    assert _edge_sessions_drain(stack[0])
+
+
+def _edge_sessions_drain(edge, timeout: float = 10.0) -> bool:
+    """The edge's session store empties (read through its ops port)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while httpx.get(edge.ready["ops"] + "/v1/sessions", timeout=5).json()["sessions"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_rest_client_that_disconnects_mid_stream_frees_the_edge_session(stack, api, model_id):
+    body = {"model": model_id, "messages": MESSAGES, "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "split": 15}
+    with api.stream("POST", "/v1/chat/completions", json=body) as s:
+        lines = s.iter_lines()
+        got = [next(lines) for _ in range(6)]  # a few chunks, then hang up
+        assert any(line.startswith("data: ") for line in got)
+        sessions = httpx.get(stack[0].ready["ops"] + "/v1/sessions", timeout=5).json()["sessions"]
+        assert len(sessions) == 1 and sessions[0]["split"] == 15
+    assert _edge_sessions_drain(stack[0]), "the edge still holds the session of a client that left"
+    ok = api.post("/v1/chat/completions", json={"model": model_id, "messages": MESSAGES, "max_tokens": 2})
+    assert ok.status_code == 200
 
 
 def test_edge_ops_endpoints(stack):
