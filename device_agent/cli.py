@@ -28,7 +28,7 @@ def build_app(settings: AgentSettings):
 
     if settings.torch_threads:
         compute.set_num_threads(settings.torch_threads)
-    head = HeadRunner(settings.model_dir, settings.max_device_layers)
+    head = HeadRunner(settings.model_dir, settings.max_device_layers, settings.weights)
     edge = None
     if settings.edge:
         edge = EdgeClient(settings.edge, settings.connect_timeout_seconds, settings.request_timeout_seconds,

@@ -26,6 +26,8 @@ class AgentSettings(BaseSettings):
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest gRPC message, bytes")
     replays: int = Field(2, ge=0, description="times a lost edge session is reopened and replayed per request")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
+    weights: str = Field("fp32", pattern="^(fp32|bf16|int8)$",
+                         description="weight precision of the layers loaded here: fp32 (exact), bf16, int8")
 
     @field_validator("split")
     @classmethod

@@ -56,6 +56,7 @@ class RunStats:
     split: int
     codec: str
     reason: str
+    device_weights: str = "fp32"
     bytes_up: int = 0  # all device -> edge messages (Open, Prefill, Steps, replays included)
     bytes_down: int = 0
     prefill_bytes_up: int = 0  # Prefill messages
@@ -81,7 +82,7 @@ class RunStats:
     def to_dict(self) -> dict:
         network = max(0.0, self.edge_wait - self.edge_compute - self.edge_queue - self.edge_decode)
         return {
-            "split": self.split, "codec": self.codec, "split_reason": self.reason,
+            "split": self.split, "codec": self.codec, "split_reason": self.reason, "device_weights": self.device_weights,
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
             "prefill_bytes_up": self.prefill_bytes_up, "step_bytes_up": self.step_bytes_up,
             "messages_up": self.messages_up, "messages_down": self.messages_down,
@@ -150,7 +151,8 @@ class Engine:
         """Yields Delta per token as it arrives, then one Result. Raises RequestError, EdgeError."""
         self.check_length(len(req.prompt_ids), req.max_tokens)
         k, codec, reason = self.resolve(req.split, req.codec)
-        stats = RunStats(k, codec if 0 < k < self.num_layers else ("token_ids" if k == 0 else "none"), reason)
+        stats = RunStats(k, codec if 0 < k < self.num_layers else ("token_ids" if k == 0 else "none"), reason,
+                         self.head.model.precision)
         text = TextAssembler(self.tokenizer, req.stop)
         self.metrics.split_layer.set(k)
         self.metrics.active_requests.inc()

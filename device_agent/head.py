@@ -20,12 +20,13 @@ from coinfer.model.weights import read_fingerprint
 class HeadRunner:
     """All torch work runs on the process's compute thread (see coinfer.compute for why)."""
 
-    def __init__(self, model_dir: str | Path, max_layers: int = -1) -> None:
+    def __init__(self, model_dir: str | Path, max_layers: int = -1, weights: str = "fp32") -> None:
         self.cfg = ModelConfig.from_dir(model_dir)
         n = self.cfg.num_layers
         self.max_layers = n if max_layers < 0 else min(max_layers, n)
         self.fingerprint = read_fingerprint(model_dir)
-        self.model = compute.run(load_slice, model_dir, 0, self.max_layers, embed=True, head=self.max_layers == n)
+        self.model = compute.run(load_slice, model_dir, 0, self.max_layers, embed=True, head=self.max_layers == n,
+                                 precision=weights)
 
     @property
     def holds_all_layers(self) -> bool:

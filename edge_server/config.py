@@ -24,3 +24,5 @@ class EdgeSettings(BaseSettings):
     workers: int = Field(32, ge=2, description="gRPC handler threads (one per open stream)")
     grace_seconds: float = Field(10.0, ge=0, description="SIGTERM: time in-flight sessions get to finish, s")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
+    weights: str = Field("fp32", pattern="^(fp32|bf16|int8)$",
+                         description="weight precision of the layers loaded here: fp32 (exact), bf16, int8")

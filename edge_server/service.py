@@ -71,7 +71,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
             hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, min_split=self.runner.min_split,
             codecs=list(codec.CODECS), limits=self.limits(),
             load=pb.Load(active_sessions=len(self.sessions), kv_cache_bytes=self.sessions.kv_cache_bytes()),
-            server_version=__version__,
+            server_version=__version__, weights=self.runner.model.precision,
         )
 
     def Probe(self, request, context) -> pb.ProbeResponse:

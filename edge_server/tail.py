@@ -53,7 +53,8 @@ class TailSession:
 
 
 class TailRunner:
-    def __init__(self, model_dir: str | Path, min_split: int = 0, max_frame_bytes: int = 64 << 20) -> None:
+    def __init__(self, model_dir: str | Path, min_split: int = 0, max_frame_bytes: int = 64 << 20,
+                 weights: str = "fp32") -> None:
         self.model_dir = Path(model_dir)
         self.cfg = ModelConfig.from_dir(model_dir)
         if not 0 <= min_split <= self.cfg.num_layers:
@@ -62,7 +63,7 @@ class TailRunner:
         self.min_split = min_split
         self.max_frame_bytes = max_frame_bytes
         self.model = compute.run(load_slice, model_dir, min_split, self.cfg.num_layers, embed=min_split == 0,
-                                 head=True)
+                                 head=True, precision=weights)
 
     def new_session(self, split: int, codec_name: str, sampling: SamplingParams) -> TailSession:
         """Caller has validated split and codec."""

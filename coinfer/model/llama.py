@@ -139,6 +139,7 @@ class ModelSlice(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size) if head else None
         # a plain attribute, not a buffer: .to(bfloat16) on the model must not round the RoPE frequencies
         self.inv_freq = cfg.rope_inv_freq()
+        self.precision = "fp32"  # weights: fp32, bf16 or int8 (coinfer.model.quantize)
 
     @property
     def num_layers(self) -> int:
@@ -161,17 +162,22 @@ class ModelSlice(nn.Module):
             view.has_embed, view.embed_tokens = True, self.embed_tokens
         if stop == self.stop and self.has_head:
             view.has_head, view.norm, view.lm_head = True, self.norm, self.lm_head
-        view.inv_freq = self.inv_freq
+        view.inv_freq, view.precision = self.inv_freq, self.precision
         return view
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation and KV cache dtype: bf16 for bf16 weights, else fp32 (int8 keeps fp32 activations)."""
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
     def new_cache(self, batch: int = 1, chunk: int = 256) -> KVCache:
-        first = next(self.parameters(), None)  # a slice may hold no parameters at all
-        dtype = first.dtype if first is not None else torch.float32
+        dtype = self.dtype
         return KVCache(self.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, batch=batch, dtype=dtype, chunk=chunk)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)  # [B, T] -> [B, T, d]
+        x = x.to(self.dtype)  # hidden states arrive as f32 frames whatever the weights are
         T = x.shape[1]
         past = cache.length if cache is not None else 0
         if self.layers:

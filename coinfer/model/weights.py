@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import json
 from pathlib import Path
 
@@ -30,7 +32,9 @@ class TensorReader:
         if name not in self.names:
             raise KeyError(f"tensor {name!r} is missing from {self.path}")
         self.read.add(name)
-        return self._file.get_tensor(name)
+        # a copy: safe_open's tensors can be views of the file's mmap, and one kept view keeps every
+        # page read from the file resident (SmolLM2 k=15 fp32: +310 MiB of RSS on top of the weights)
+        return self._file.get_tensor(name).clone()
 
 
 def read_fingerprint(model_dir: str | Path) -> str:
@@ -95,13 +99,14 @@ def load_slice(
     *,
     embed: bool | None = None,
     head: bool | None = None,
-    dtype: torch.dtype = torch.float32,
     reader: TensorReader | None = None,
+    precision: str = "fp32",
 ) -> ModelSlice:
     """Build layers [start, stop) of the model in `model_dir`, reading only their tensors.
 
     By default the slice carries the embedding if it starts at 0 and the final
-    norm + lm_head if it ends at the last layer.
+    norm + lm_head if it ends at the last layer. `precision` (fp32, bf16, int8) is applied
+    after loading (coinfer.model.quantize); fp32 is the exact reference.
     """
     cfg = ModelConfig.from_dir(model_dir)
     stop = cfg.num_layers if stop is None else stop
@@ -110,9 +115,29 @@ def load_slice(
     reader = reader or TensorReader(Path(model_dir) / WEIGHTS_FILE)
     with torch.device("meta"):  # no allocation or random init for weights we overwrite anyway
         model = ModelSlice(cfg, start, stop, embed, head)
-    sd = {k: v.to(dtype) for k, v in slice_state_dict(reader, cfg, start, stop, embed, head).items()}
+    sd = {k: v.float() for k, v in slice_state_dict(reader, cfg, start, stop, embed, head).items()}
     if embed and head and cfg.tie_word_embeddings:
         sd["embed_tokens.weight"] = sd["lm_head.weight"].t()  # one tensor for both: a [V, d] view of [d, V]
     model.load_state_dict(sd, strict=True, assign=True)
     model.inv_freq = cfg.rope_inv_freq()  # built on the meta device above
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if precision != "fp32":
+        from coinfer.model.quantize import apply_precision
+
+        del sd  # the fp32 tensors go once the slice's modules are converted
+        apply_precision(model, precision)
+    release_free_memory()
+    return model
+
+
+def release_free_memory() -> None:
+    """Give the heap pages freed while loading back to the OS (glibc keeps them otherwise).
+
+    Loading frees as much as it keeps (file copies, transposes, fp32 before quantizing), in
+    holes between live tensors that glibc never returns on its own: measured on SmolLM2 k=15
+    int8, process RSS 405 MiB above the interpreter before malloc_trim, 158 MiB after.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -43,7 +43,7 @@ class Load(_message.Message):
     def __init__(self, active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "num_layers", "hidden_size", "vocab_size", "min_split", "codecs", "limits", "load", "server_version")
+    __slots__ = ("model", "fingerprint", "num_layers", "hidden_size", "vocab_size", "min_split", "codecs", "limits", "load", "server_version", "weights")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class DescribeResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     num_layers: int
@@ -64,7 +65,8 @@ class DescribeResponse(_message.Message):
     limits: Limits
     load: Load
     server_version: str
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., min_split: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    weights: str
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., min_split: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., server_version: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ("payload", "reply_bytes")
