@@ -59,3 +59,23 @@ def test_split_views_and_mixed_precision_sides(tiny_dir, precision):
 def test_unknown_precision_is_refused(tiny_dir):
     with pytest.raises(ValueError, match="fp32, bf16, int8"):
         apply_precision(load_slice(tiny_dir), "int3")
+
+
+def test_int8_edge_and_device_serve(tiny_dir):
+    """COINFER_WEIGHTS per side: an int8 edge reports it in Describe; an int8 device head feeds it."""
+    from fastapi.testclient import TestClient
+
+    from coinfer.v1 import edge_pb2 as pb
+    from device_agent.cli import build_app
+    from device_agent.config import AgentSettings
+    from tests.serving import address, edge_server, stub
+
+    with edge_server(tiny_dir, weights="int8") as srv:
+        with stub(address(srv)) as s:
+            assert s.Describe(pb.DescribeRequest(), timeout=5).weights == "int8"
+        app = build_app(AgentSettings(model_dir=str(tiny_dir), edge=address(srv), split="3", weights="int8"))
+        with TestClient(app) as c:
+            name = c.get("/v1/models").json()["data"][0]["id"]
+            r = c.post("/v1/completions", json={"model": name, "prompt": "w1 w2", "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200 and r.json()["coinfer"]["device_weights"] == "int8"
+            assert r.json()["usage"]["completion_tokens"] >= 1
