@@ -13,6 +13,23 @@ from pydantic_settings import BaseSettings
 S = TypeVar("S", bound=BaseSettings)
 
 
+def app_parser(prog: str, description: str, cls: type[BaseSettings]) -> argparse.ArgumentParser:
+    """An app's parser: one flag per setting, plus --log-level."""
+    p = argparse.ArgumentParser(prog=prog, description=description + " Every flag can also be set as a "
+                                f"{cls.model_config.get('env_prefix', '')} environment variable.")
+    add_settings_flags(p, cls)
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return p
+
+
+def parse_app_args(parser: argparse.ArgumentParser, cls: type[S], argv: list[str] | None) -> S:
+    """Parse argv, build the settings (exit 2 on a bad value), set up logging."""
+    args = parser.parse_args(argv)
+    settings = settings_from_args(cls, args, parser)
+    setup_logging(args.log_level)
+    return settings
+
+
 def add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
     prefix = cls.model_config.get("env_prefix", "")
     for name, field in cls.model_fields.items():

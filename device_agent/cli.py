@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from coinfer.settings_cli import add_settings_flags, settings_from_args, setup_logging
+from coinfer.settings_cli import app_parser, parse_app_args
 from device_agent.config import AgentSettings
 
 log = logging.getLogger("coinfer.device")
@@ -45,22 +45,17 @@ def build_app(settings: AgentSettings):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="device-agent",
-        description="coinfer device agent: OpenAI-compatible REST API (/v1/chat/completions, /v1/completions, "
-                    "/v1/models, /healthz, /readyz, /metrics) that runs layers [0, k) of a split model here and "
-                    "the rest on an edge server. Every flag can also be set as a COINFER_ environment variable.",
+    return app_parser(
+        "device-agent",
+        "coinfer device agent: OpenAI-compatible REST API (/v1/chat/completions, /v1/completions, "
+        "/v1/models, /healthz, /readyz, /metrics) that runs layers [0, k) of a split model here and "
+        "the rest on an edge server.",
+        AgentSettings,
     )
-    add_settings_flags(p, AgentSettings)
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = settings_from_args(AgentSettings, args, parser)
-    setup_logging(args.log_level)
+    settings = parse_app_args(build_parser(), AgentSettings, argv)
     import uvicorn
 
     try:
@@ -68,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"device-agent: {e}", file=sys.stderr)
         return 1
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=logging.getLevelName(logging.getLogger().level).lower(),
                             timeout_graceful_shutdown=10)
     return serve(uvicorn.Server(config), settings.host)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 
 import grpc
 
@@ -93,16 +92,6 @@ class EdgeClient:
                 except grpc.RpcError as e:
                     raise EdgeError.from_rpc(e) from None
             return self._describe
-
-    def probe(self, payload_bytes: int = 0, reply_bytes: int = 0) -> float:
-        """Round-trip seconds of one Probe."""
-        t0 = time.perf_counter()
-        try:
-            self._stub.Probe(pb.ProbeRequest(payload=bytes(payload_bytes), reply_bytes=reply_bytes),
-                             timeout=self.connect_timeout, wait_for_ready=True)
-        except grpc.RpcError as e:
-            raise EdgeError.from_rpc(e) from None
-        return time.perf_counter() - t0
 
     def open(self, open_msg: pb.Open) -> tuple[EdgeStream, pb.Opened]:
         """Wait (up to connect_timeout) for the channel, open a session, read Opened."""

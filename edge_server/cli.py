@@ -8,27 +8,22 @@ import signal
 import sys
 import threading
 
-from coinfer.settings_cli import add_settings_flags, settings_from_args, setup_logging
+from coinfer.settings_cli import app_parser, parse_app_args
 from edge_server.config import EdgeSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="edge-server",
-        description="coinfer edge server: runs layers [k, N) + lm_head of a split model for devices over gRPC "
-                    "(coinfer.v1.EdgeInference, grpc.health.v1, reflection) and serves /healthz /readyz /metrics "
-                    "/v1/info on the ops port. Every flag can also be set as a COINFER_ environment variable.",
+    return app_parser(
+        "edge-server",
+        "coinfer edge server: runs layers [k, N) + lm_head of a split model for devices over gRPC "
+        "(coinfer.v1.EdgeInference, grpc.health.v1, reflection) and serves /healthz /readyz /metrics "
+        "/v1/info on the ops port.",
+        EdgeSettings,
     )
-    add_settings_flags(p, EdgeSettings)
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = settings_from_args(EdgeSettings, args, parser)
-    setup_logging(args.log_level)
+    settings = parse_app_args(build_parser(), EdgeSettings, argv)
     from edge_server.server import EdgeServer  # heavy imports after --help
 
     try:

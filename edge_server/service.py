@@ -85,7 +85,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         context.add_callback(gone.set)  # runs when the RPC ends, including a client that vanished
         outcome = "ok"
         try:
-            yield from self._session(self._counted(request_iterator), context, gone)
+            yield from self._session(self._counted(request_iterator), gone)
         except Abort as e:
             outcome = e.code.name.lower()
             log.info("session aborted: %s %s", e.code.name, e.message)
@@ -111,7 +111,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         self.metrics.active_sessions.set(len(self.sessions))
         self.metrics.kv_cache_bytes.set(self.sessions.kv_cache_bytes())
 
-    def _session(self, requests, context, gone: threading.Event) -> Iterator[pb.EdgeMessage]:
+    def _session(self, requests, gone: threading.Event) -> Iterator[pb.EdgeMessage]:
         first = _next(requests)
         if first.WhichOneof("kind") != "open":
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"the first message must be Open, got {first.WhichOneof('kind')}")
