@@ -11,7 +11,7 @@ CODEC     ?= f16
 GEN_SPLIT ?= 15
 STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model run generate test unit integration bench protos clean
+.PHONY: setup model run generate test unit integration bench bench-partition protos clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,9 @@ integration: setup model
 bench: setup model
 	$(BIN)/python benchmarks/decode_speed.py --model $(MODEL_DIR)
 	$(BIN)/python benchmarks/split_overhead.py --model $(MODEL_DIR)
+
+bench-partition: setup model  # ~30 min: 24 shaped-link cells, every cut measured
+	$(BIN)/python benchmarks/partition_oracle.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache

@@ -95,10 +95,34 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--split", default="auto", help="default split of the device agent: 0..N or auto (default: auto)")
     u.add_argument("--codec", default="f16", help="default codec: f32, f16, int8, int4 (default: f16)")
     u.set_defaults(func=_cmd_up)
+
+    for name, helptext in (("plan", "what split the partitioner would choose on a given link (table + PNG); "
+                                    "coinfer plan --help"),
+                           ("shape", "a rate- and delay-limited TCP proxy on 127.0.0.1 for trying thin links; "
+                                     "coinfer shape --help")):
+        sp = sub.add_parser(name, help=helptext, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=_cmd_plan if name == "plan" else _cmd_shape)
     return p
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    # the umbrella CLI dispatches to the device agent's planner; the coinfer library itself never does
+    from device_agent.whatif import main as plan_main
+
+    return plan_main(args.rest)
+
+
+def _cmd_shape(args: argparse.Namespace) -> int:
+    from coinfer.shaper import main as shape_main
+
+    return shape_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("plan", "shape"):  # they own their flags (argparse REMAINDER drops leading --x)
+        return (_cmd_plan if argv[0] == "plan" else _cmd_shape)(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

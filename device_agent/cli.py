@@ -28,7 +28,7 @@ def build_app(settings: AgentSettings):
 
     if settings.torch_threads:
         compute.set_num_threads(settings.torch_threads)
-    head = HeadRunner(settings.model_dir, settings.max_device_layers, settings.weights)
+    head = HeadRunner(settings.model_dir, settings.max_device_layers, settings.weights, settings.device_slowdown)
     edge = None
     if settings.edge:
         edge = EdgeClient(settings.edge, settings.connect_timeout_seconds, settings.request_timeout_seconds,
@@ -41,6 +41,7 @@ def build_app(settings: AgentSettings):
         except EdgeError as e:
             log.warning("edge %s not reachable at start (%s); will retry per request", settings.edge, e.code.name)
     engine = Engine(settings, head, Tokenizer(settings.model_dir), edge)
+    engine.planner.start()  # polls the edge's load, probes the link when estimates go stale
     return create_app(engine, settings.model_name or Path(settings.model_dir).resolve().name)
 
 

@@ -6,6 +6,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coinfer.model.prepare import DEFAULT_MODEL_DIR
+from coinfer.profile import DEFAULT_PROFILE_DIR
 
 
 class AgentSettings(BaseSettings):
@@ -15,9 +16,22 @@ class AgentSettings(BaseSettings):
     edge: str = Field("127.0.0.1:50051", description="edge server gRPC address host:port ('' = device only)")
     host: str = Field("127.0.0.1", description="address the REST API binds to")
     port: int = Field(8000, ge=0, le=65535, description="REST API port (0 = pick a free one)")
-    split: str = Field("auto", description="default split: 0..N layers on the device, or 'auto'")
-    auto_split: int = Field(15, ge=0, description="split 'auto' resolves to (until the partitioner lands)")
-    codec: str = Field("f16", description="default tensor codec: f32 (exact), f16, int8, int4")
+    split: str = Field("auto", description="default split: 0..N layers on the device, or 'auto' (planned per request)")
+    codec: str = Field("f16", description="tensor codec of a request with an explicit split: f32 (exact), f16, int8, int4")
+    plan_codecs: str = Field("f16", description="codecs split 'auto' may choose from, comma-separated")
+    min_device_layers: int = Field(0, ge=0, description="privacy floor: split 'auto' keeps at least this many layers here")
+    objective: str = Field("latency", pattern="^(latency|energy|weighted)$",
+                           description="what split 'auto' minimizes: latency, energy (device joules) or weighted")
+    energy_weight: float = Field(1.0, ge=0, description="objective 'weighted': seconds of latency one joule is worth, s/J")
+    compute_watts: float = Field(2.0, ge=0, description="device power while computing, W (energy objective)")
+    idle_watts: float = Field(0.3, ge=0, description="device power while waiting on link or edge, W")
+    tx_joules_per_byte: float = Field(1e-6, ge=0, description="radio energy per byte sent, J/B")
+    rx_joules_per_byte: float = Field(5e-7, ge=0, description="radio energy per byte received, J/B")
+    profile_dir: str = Field(DEFAULT_PROFILE_DIR, description="cache dir of the measured cost profile ('' = no cache)")
+    describe_interval_seconds: float = Field(2.0, gt=0, description="how often the edge's load is polled, s")
+    link_max_age_seconds: float = Field(30.0, gt=0, description="probe the link when no transfer taught it for this long, s")
+    device_slowdown: float = Field(1.0, ge=1.0, description="BENCHMARKS ONLY: emulate a device this many times "
+                                                             "slower (sleeps after each forward)")
     max_device_layers: int = Field(-1, ge=-1, description="layers the device loads (-1 = all: any split possible)")
     model_name: str = Field("", description="model id served at /v1/models ('' = the model dir's name)")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
@@ -28,6 +42,17 @@ class AgentSettings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
     weights: str = Field("fp32", pattern="^(fp32|bf16|int8)$",
                          description="weight precision of the layers loaded here: fp32 (exact), bf16, int8")
+
+    @field_validator("plan_codecs")
+    @classmethod
+    def _codecs(cls, v: str) -> str:
+        from coinfer.codec import CODECS
+
+        names = [c.strip() for c in v.split(",") if c.strip()]
+        bad = [c for c in names if c not in CODECS]
+        if not names or bad:
+            raise ValueError(f"plan_codecs must name codecs among {', '.join(CODECS)}, got {v!r}")
+        return ",".join(names)
 
     @field_validator("split")
     @classmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from dataclasses import dataclass
 
 import grpc
 
@@ -69,6 +71,16 @@ class EdgeStream:
         self._call.cancel()
 
 
+@dataclass
+class Exchange:
+    """One timed unary call: what the link estimator learns from."""
+
+    bytes_up: int
+    bytes_down: int
+    wall: float  # send to reply, s
+    edge_seconds: float = 0.0  # time the edge says it spent
+
+
 class EdgeClient:
     def __init__(self, address: str, connect_timeout: float = 5.0, request_timeout: float = 300.0,
                  max_message_bytes: int = 16 << 20) -> None:
@@ -92,6 +104,30 @@ class EdgeClient:
                 except grpc.RpcError as e:
                     raise EdgeError.from_rpc(e) from None
             return self._describe
+
+    def describe_timed(self, include_profile: bool = False, timeout: float | None = None
+                       ) -> tuple[pb.DescribeResponse, Exchange]:
+        """A fresh Describe (load, and the cost profile when asked), timed for the link estimator."""
+        req = pb.DescribeRequest(include_profile=include_profile)
+        t0 = time.perf_counter()
+        try:
+            reply = self._stub.Describe(req, timeout=timeout or self.connect_timeout)
+        except grpc.RpcError as e:
+            raise EdgeError.from_rpc(e) from None
+        wall = time.perf_counter() - t0
+        with self._lock:
+            self._describe = reply
+        return reply, Exchange(req.ByteSize(), reply.ByteSize(), wall)
+
+    def probe(self, bytes_up: int, bytes_down: int, timeout: float | None = None) -> Exchange:
+        """Echo `bytes_up` bytes up and `bytes_down` back: an active link measurement."""
+        req = pb.ProbeRequest(payload=bytes(bytes_up), reply_bytes=bytes_down)
+        t0 = time.perf_counter()
+        try:
+            reply = self._stub.Probe(req, timeout=timeout or self.request_timeout)
+        except grpc.RpcError as e:
+            raise EdgeError.from_rpc(e) from None
+        return Exchange(req.ByteSize(), reply.ByteSize(), time.perf_counter() - t0, reply.edge_seconds)
 
     def open(self, open_msg: pb.Open) -> tuple[EdgeStream, pb.Opened]:
         """Wait (up to connect_timeout) for the channel, open a session, read Opened."""

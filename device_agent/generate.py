@@ -20,9 +20,11 @@ from coinfer.model.sampling import Sampler, SamplingParams
 from coinfer.model.tokenizer import Tokenizer
 from coinfer.v1 import edge_pb2 as pb
 from device_agent.config import AgentSettings
-from device_agent.edge_client import EdgeClient, EdgeError
+from device_agent.edge_client import EdgeClient, EdgeError, Exchange
 from device_agent.head import HeadRunner
 from device_agent.metrics import AgentMetrics
+from device_agent.partitioner import Plan, PlanError
+from device_agent.planning import Planner
 from device_agent.text import TextAssembler
 
 log = logging.getLogger("coinfer.device")
@@ -72,6 +74,7 @@ class RunStats:
     edge_wait: float = 0.0  # time blocked on the edge's replies
     ttft: float = 0.0
     total: float = 0.0
+    plan: Plan | None = None  # split "auto": what the partitioner predicted
 
     def add_stream(self, s) -> None:
         self.bytes_up += s.bytes_up
@@ -93,6 +96,8 @@ class RunStats:
                 "edge_queue_seconds": self.edge_queue, "edge_decode_seconds": self.edge_decode,
                 "network_seconds": network,
             },
+            **({"predicted": {"ttft_seconds": self.plan.best.ttft, "per_token_seconds": self.plan.best.per_token,
+                              "total_seconds": self.plan.best.total}} if self.plan else {}),
         }
 
 
@@ -108,37 +113,48 @@ class Engine:
     """Everything a request needs on the device: tokenizer, head weights, edge client, metrics."""
 
     def __init__(self, settings: AgentSettings, head: HeadRunner, tokenizer: Tokenizer,
-                 edge: EdgeClient | None, metrics: AgentMetrics | None = None) -> None:
+                 edge: EdgeClient | None, metrics: AgentMetrics | None = None, planner: Planner | None = None) -> None:
         self.settings, self.head, self.tokenizer, self.edge = settings, head, tokenizer, edge
         self.metrics = metrics or AgentMetrics()
         self.num_layers = head.cfg.num_layers
         self.context = head.cfg.max_position_embeddings
+        self.planner = planner or Planner(settings, head.cost_profile(settings.profile_dir or None), edge,
+                                          self.metrics, head.fingerprint)
 
-    def resolve(self, split: int | str | None, codec: str | None) -> tuple[int, str, str]:
-        """(split, codec, reason) for a request; RequestError when it cannot be served."""
-        codec = codec or self.settings.codec
-        if codec not in codecs.CODECS:
+    def plan(self, prompt_tokens: int, max_tokens: int, codec: str | None = None) -> tuple[int, str, str, Plan | None]:
+        """Split "auto": (split, codec, reason, plan) from the partitioner over fresh estimates."""
+        try:
+            p = self.planner.plan(prompt_tokens, max_tokens, codec)
+            return p.split, codec or (p.codec if p.codec not in ("none", "token_ids") else self.settings.codec), \
+                p.reason, p
+        except PlanError as e:
+            if self.edge is None or self.settings.min_device_layers > self.head.max_layers:
+                raise RequestError(str(e)) from None
+        k = max(self.settings.min_device_layers, self.head.max_layers)  # edge unknown: lean on it least
+        return k, codec or self.settings.codec, f"auto: edge not reachable for planning; trying split {k}", None
+
+    def resolve(self, split: int | str | None, codec: str | None, prompt_tokens: int = 1,
+                max_tokens: int = 1) -> tuple[int, str, str, Plan | None]:
+        """(split, codec, reason, plan) for a request; RequestError when it cannot be served."""
+        if codec is not None and codec not in codecs.CODECS:
             raise RequestError(f"unknown codec {codec!r}; choose one of {', '.join(codecs.CODECS)}")
         split = self.settings.split if split is None else split
-        n = self.num_layers
+        n, plan = self.num_layers, None
         if split == "auto":
-            k = min(self.settings.auto_split, n, self.head.max_layers)
-            reason = f"auto: static default split {k} (bandwidth-aware planning not enabled yet)"
-            if self.edge is None and self.head.holds_all_layers:
-                k, reason = n, "auto: no edge configured, device runs all layers"
+            k, codec, reason, plan = self.plan(prompt_tokens, max_tokens, codec)
         else:
             try:
                 k = int(split)
             except (TypeError, ValueError):
                 raise RequestError(f"split must be an integer 0..{n} or 'auto', got {split!r}") from None
-            reason = "requested"
+            reason, codec = "requested", codec or self.settings.codec
         if not 0 <= k <= n:
             raise RequestError(f"split {k} is out of range 0..{n}")
         if k > self.head.max_layers:
             raise RequestError(f"split {k} needs {k} layers on the device; it holds {self.head.max_layers}")
         if k < n and self.edge is None:
             raise RequestError(f"split {k} needs an edge server and none is configured")
-        return k, codec, reason
+        return k, codec, reason, plan
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens == 0:
@@ -150,12 +166,13 @@ class Engine:
     def stream(self, req: GenerationRequest) -> Iterator[Delta | Result]:
         """Yields Delta per token as it arrives, then one Result. Raises RequestError, EdgeError."""
         self.check_length(len(req.prompt_ids), req.max_tokens)
-        k, codec, reason = self.resolve(req.split, req.codec)
+        k, codec, reason, plan = self.resolve(req.split, req.codec, len(req.prompt_ids), req.max_tokens)
         stats = RunStats(k, codec if 0 < k < self.num_layers else ("token_ids" if k == 0 else "none"), reason,
-                         self.head.model.precision)
+                         self.head.model.precision, plan=plan)
         text = TextAssembler(self.tokenizer, req.stop)
         self.metrics.split_layer.set(k)
         self.metrics.active_requests.inc()
+        self.planner.begin()
         t0 = last = time.perf_counter()
         n, finish = 0, "length"
         try:
@@ -184,6 +201,7 @@ class Engine:
             if rest := text.flush():
                 yield Delta(rest, -1, 0.0)
         finally:
+            self.planner.end()
             self.metrics.active_requests.dec()
             self.metrics.tokens.labels("device" if k == self.num_layers else "edge" if k == 0 else "split").inc(n)
             self.metrics.wire_bytes.labels("up").inc(stats.bytes_up)
@@ -255,14 +273,21 @@ class Engine:
                 cache = view.new_cache()
                 prefill = pb.DeviceMessage(prefill=pb.Prefill(frame=self._frame(view, history, cache, codec, stats)))
             stats.prefill_bytes_up += prefill.ByteSize()
+            sent, sent_bytes, quiet = time.perf_counter(), prefill.ByteSize(), self.planner.quiet(1)
             stream.send(prefill)
             while True:
                 t0 = time.perf_counter()
                 tok = stream.recv("token")
-                stats.edge_wait += time.perf_counter() - t0
-                stats.edge_compute += tok.timings.compute_seconds
-                stats.edge_queue += tok.timings.queue_seconds
-                stats.edge_decode += tok.timings.decode_seconds
+                now = time.perf_counter()
+                stats.edge_wait += now - t0
+                tm = tok.timings
+                stats.edge_compute += tm.compute_seconds
+                stats.edge_queue += tm.queue_seconds
+                stats.edge_decode += tm.decode_seconds
+                if sent_bytes:  # a request/reply exchange: teach the link estimator
+                    self.planner.observe(Exchange(sent_bytes, tok.ByteSize(), now - sent,
+                                                  tm.compute_seconds + tm.queue_seconds + tm.decode_seconds), quiet)
+                    sent_bytes = 0
                 finish = FINISH.get(tok.finish_reason)
                 yield tok.id, tok.logprob, finish
                 if finish:
@@ -271,6 +296,7 @@ class Engine:
                 if k > 0:
                     step = pb.DeviceMessage(step=pb.Step(frame=self._frame(view, [tok.id], cache, codec, stats)))
                     stats.step_bytes_up += step.ByteSize()
+                    sent, sent_bytes, quiet = time.perf_counter(), step.ByteSize(), self.planner.quiet(1)
                     stream.send(step)
         finally:
             stream.close()

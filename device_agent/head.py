@@ -7,9 +7,12 @@ runs the whole model on the device (and is the fallback when no edge is reachabl
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import torch
 
-from coinfer import codec, compute
+from coinfer import codec, compute, profile
 from coinfer.model import ModelConfig, load_slice
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice
@@ -20,13 +23,25 @@ from coinfer.model.weights import read_fingerprint
 class HeadRunner:
     """All torch work runs on the process's compute thread (see coinfer.compute for why)."""
 
-    def __init__(self, model_dir: str | Path, max_layers: int = -1, weights: str = "fp32") -> None:
+    def __init__(self, model_dir: str | Path, max_layers: int = -1, weights: str = "fp32",
+                 slowdown: float = 1.0) -> None:
         self.cfg = ModelConfig.from_dir(model_dir)
         n = self.cfg.num_layers
         self.max_layers = n if max_layers < 0 else min(max_layers, n)
         self.fingerprint = read_fingerprint(model_dir)
         self.model = compute.run(load_slice, model_dir, 0, self.max_layers, embed=True, head=self.max_layers == n,
                                  precision=weights)
+        self.slowdown = slowdown  # benchmarks only: emulate a slower device by sleeping after each forward
+
+    def cost_profile(self, cache_dir: str | None) -> profile.CostProfile:
+        """Per-layer costs of this device (cached per host), frame sizes per codec, scaled by the slowdown."""
+        p = compute.run(profile.load_or_measure, self.model, self.fingerprint, cache_dir, tuple(codec.CODECS))
+        return p.slowed(self.slowdown)
+
+    def _slow(self, seconds: float) -> float:
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * seconds)
+        return seconds * self.slowdown
 
     @property
     def holds_all_layers(self) -> bool:
@@ -45,7 +60,7 @@ class HeadRunner:
                 return codec.encode(view(torch.tensor([ids]), cache)[0], codec_name)
 
         frame, _, seconds = compute.run_timed(work)
-        return frame, seconds
+        return frame, self._slow(seconds)
 
     def next_token(self, view: ModelSlice, ids: list[int], cache: KVCache, sampler: Sampler) -> tuple[int, float, float]:
         """The whole model on the device: ids -> (next token, its logprob, seconds)."""
@@ -55,4 +70,4 @@ class HeadRunner:
                 return sampler(view(torch.tensor([ids]), cache, last_only=True)[0, -1])
 
         (token, logprob), _, seconds = compute.run_timed(work)
-        return token, logprob, seconds
+        return token, logprob, self._slow(seconds)

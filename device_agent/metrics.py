@@ -23,3 +23,10 @@ class AgentMetrics:
         self.replays = Counter("coinfer_replays", "Edge sessions reopened and replayed", registry=r)
         self.fallbacks = Counter("coinfer_local_fallbacks", "Requests finished on the device, edge lost", registry=r)
         self.edge_errors = Counter("coinfer_edge_errors", "Edge errors by gRPC status", ["code"], registry=r)
+        self.link_bandwidth = Gauge("coinfer_link_bandwidth_bytes_per_second", "Estimated link bandwidth",
+                                    ["direction"], registry=r)
+        self.link_rtt = Gauge("coinfer_link_rtt_seconds", "Estimated round-trip time to the edge", registry=r)
+        self.link_changes = Gauge("coinfer_link_changes", "Sudden link changes the estimator detected", registry=r)
+        self.edge_queue = Gauge("coinfer_edge_queue_seconds", "Edge's reported wait per work item", registry=r)
+        self.plan_predicted = Gauge("coinfer_plan_predicted_seconds", "Predicted total latency of the latest plan",
+                                    registry=r)

@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coinfer.model.prepare import DEFAULT_MODEL_DIR
+from coinfer.profile import DEFAULT_PROFILE_DIR
 
 
 class EdgeSettings(BaseSettings):
@@ -26,3 +27,6 @@ class EdgeSettings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
     weights: str = Field("fp32", pattern="^(fp32|bf16|int8)$",
                          description="weight precision of the layers loaded here: fp32 (exact), bf16, int8")
+    profile: bool = Field(True, description="measure per-layer costs at start-up (a few s, cached) and serve "
+                                            "them in Describe for the devices' partitioners")
+    profile_dir: str = Field(DEFAULT_PROFILE_DIR, description="cache dir of measured cost profiles ('' = no cache)")

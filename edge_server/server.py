@@ -43,7 +43,8 @@ class EdgeServer:
         self.settings = settings
         if settings.torch_threads:
             compute.set_num_threads(settings.torch_threads)
-        runner = TailRunner(settings.model_dir, settings.min_split, settings.max_frame_bytes, settings.weights)
+        runner = TailRunner(settings.model_dir, settings.min_split, settings.max_frame_bytes, settings.weights,
+                            settings.profile_dir or None, settings.profile)
         self.service = EdgeService(runner, settings, EdgeMetrics())
         self.health = health.HealthServicer()
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from coinfer import __version__, codec
+from coinfer import __version__, codec, profile
 from coinfer.model.sampling import SamplingParams
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
@@ -65,14 +65,19 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
                          max_frame_bytes=s.max_frame_bytes)
 
     def Describe(self, request, context) -> pb.DescribeResponse:
-        cfg = self.runner.cfg
-        return pb.DescribeResponse(
-            model=self.runner.model_dir.name, fingerprint=self.runner.fingerprint, num_layers=cfg.num_layers,
-            hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, min_split=self.runner.min_split,
+        cfg, runner = self.runner.cfg, self.runner
+        queue, busy = runner.load.snapshot()
+        reply = pb.DescribeResponse(
+            model=runner.model_dir.name, fingerprint=runner.fingerprint, num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, min_split=runner.min_split,
             codecs=list(codec.CODECS), limits=self.limits(),
-            load=pb.Load(active_sessions=len(self.sessions), kv_cache_bytes=self.sessions.kv_cache_bytes()),
-            server_version=__version__, weights=self.runner.model.precision,
+            load=pb.Load(active_sessions=len(self.sessions), kv_cache_bytes=self.sessions.kv_cache_bytes(),
+                         queue_seconds=queue, busy_fraction=busy),
+            server_version=__version__, weights=runner.model.precision,
         )
+        if request.include_profile and runner.profile is not None:
+            reply.profile.CopyFrom(profile.to_pb(runner.profile))
+        return reply
 
     def Probe(self, request, context) -> pb.ProbeResponse:
         t0 = time.perf_counter()

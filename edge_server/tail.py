@@ -4,17 +4,21 @@ The edge loads layers [min_split, N) once; a session at split k runs a parameter
 view of [k, N). At k = 0 the view includes the embedding and the edge runs the whole model.
 Loading, forwards and sampling run on the process's one compute thread (coinfer.compute),
 which also serializes them (batching across sessions is the scheduler's job, a later step).
+At start-up the runner measures (or reads from its cache) the per-layer cost profile it
+serves in Describe, and it tracks its recent queue wait as the load the device plans with.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from coinfer import codec, compute
+from coinfer import codec, compute, profile
 from coinfer.model import ModelConfig, load_slice
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice
@@ -52,9 +56,37 @@ class TailSession:
         return self.cache.length
 
 
+class LoadTracker:
+    """Recent load of the compute thread: mean queue wait per work item and busy share over `window` s.
+
+    The device's planner adds the queue wait to every edge work item it would send here.
+    """
+
+    def __init__(self, window: float = 3.0) -> None:
+        self.window = window
+        self._items: deque[tuple[float, float, float]] = deque()  # (end time, queue s, compute s)
+        self._lock = threading.Lock()
+
+    def record(self, queue: float, compute_s: float, now: float | None = None) -> None:
+        with self._lock:
+            self._items.append((time.monotonic() if now is None else now, queue, compute_s))
+
+    def snapshot(self, now: float | None = None) -> tuple[float, float]:
+        """(mean queue seconds, busy fraction) over the window; (0, 0) when idle."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            while self._items and self._items[0][0] < now - self.window:
+                self._items.popleft()
+            if not self._items:
+                return 0.0, 0.0
+            queue = sum(q for _, q, _ in self._items) / len(self._items)
+            return queue, min(1.0, sum(c for _, _, c in self._items) / self.window)
+
+
 class TailRunner:
     def __init__(self, model_dir: str | Path, min_split: int = 0, max_frame_bytes: int = 64 << 20,
-                 weights: str = "fp32") -> None:
+                 weights: str = "fp32", profile_dir: str | None = profile.DEFAULT_PROFILE_DIR,
+                 measure_profile: bool = True) -> None:
         self.model_dir = Path(model_dir)
         self.cfg = ModelConfig.from_dir(model_dir)
         if not 0 <= min_split <= self.cfg.num_layers:
@@ -64,6 +96,9 @@ class TailRunner:
         self.max_frame_bytes = max_frame_bytes
         self.model = compute.run(load_slice, model_dir, min_split, self.cfg.num_layers, embed=min_split == 0,
                                  head=True, precision=weights)
+        self.load = LoadTracker()
+        self.profile = compute.run(profile.load_or_measure, self.model, self.fingerprint, profile_dir) \
+            if measure_profile else None
 
     def new_session(self, split: int, codec_name: str, sampling: SamplingParams) -> TailSession:
         """Caller has validated split and codec."""
@@ -110,6 +145,7 @@ class TailRunner:
                 return s.sampler(s.model(x, s.cache, last_only=True)[0, -1])  # logits [V] -> token
 
         (token, logprob), t.queue, t.compute = compute.run_timed(forward_and_sample)
+        self.load.record(t.queue, t.compute)
         s.generated += 1
         s.total.add(t)
         return token, logprob

@@ -12,6 +12,14 @@ import torch
 from coinfer.model.prepare import DEFAULT_MODEL_DIR, file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _profile_cache(tmp_path_factory):
+    """Measured cost profiles go to a per-run dir (shared by the servers the tests start), not ~/.cache."""
+    if "COINFER_PROFILE_DIR" not in os.environ:
+        os.environ["COINFER_PROFILE_DIR"] = str(tmp_path_factory.mktemp("profiles"))
+    yield
 TINY_VOCAB = 96
 
 # name -> HF config overrides; "llama" is the default tiny model of the unit tests

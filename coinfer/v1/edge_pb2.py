@@ -24,47 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63oinfer/v1/edge.proto\x12\ncoinfer.v1\"\x11\n\x0f\x44\x65scribeRequest\"\x86\x01\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\r\x12\x17\n\x0fmax_frame_bytes\x18\x05 \x01(\x04\"7\n\x04Load\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x02 \x01(\x04\"\x83\x02\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x11\n\tmin_split\x18\x06 \x01(\r\x12\x0e\n\x06\x63odecs\x18\x07 \x03(\t\x12\"\n\x06limits\x18\x08 \x01(\x0b\x32\x12.coinfer.v1.Limits\x12\x1e\n\x04load\x18\t \x01(\x0b\x32\x10.coinfer.v1.Load\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x0f\n\x07weights\x18\x0b \x01(\t\"4\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"6\n\rProbeResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65\x64ge_seconds\x18\x02 \x01(\x01\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x9f\x01\n\x04Open\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05split\x18\x03 \x01(\r\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12&\n\x08sampling\x18\x05 \x01(\x0b\x32\x14.coinfer.v1.Sampling\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x10\n\x08stop_ids\x18\x07 \x03(\r\"+\n\x07Prefill\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\x15\n\x04Step\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\"\x83\x01\n\rDeviceMessage\x12 \n\x04open\x18\x01 \x01(\x0b\x32\x10.coinfer.v1.OpenH\x00\x12&\n\x07prefill\x18\x02 \x01(\x0b\x32\x13.coinfer.v1.PrefillH\x00\x12 \n\x04step\x18\x03 \x01(\x0b\x32\x10.coinfer.v1.StepH\x00\x42\x06\n\x04kind\"U\n\x0b\x45\x64geTimings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x03 \x01(\x01\"W\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\"\n\x06limits\x18\x03 \x01(\x0b\x32\x12.coinfer.v1.Limits\"\x91\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x10\n\x08position\x18\x03 \x01(\r\x12(\n\x07timings\x18\x04 \x01(\x0b\x32\x17.coinfer.v1.EdgeTimings\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.coinfer.v1.FinishReason\"\x90\x01\n\x04\x44one\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.coinfer.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12&\n\x05total\x18\x04 \x01(\x0b\x32\x17.coinfer.v1.EdgeTimings\"\x81\x01\n\x0b\x45\x64geMessage\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.coinfer.v1.OpenedH\x00\x12\"\n\x05token\x18\x02 \x01(\x0b\x32\x11.coinfer.v1.TokenH\x00\x12 \n\x04\x64one\x18\x03 \x01(\x0b\x32\x10.coinfer.v1.DoneH\x00\x42\x06\n\x04kind*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xd8\x01\n\rEdgeInference\x12\x45\n\x08\x44\x65scribe\x12\x1b.coinfer.v1.DescribeRequest\x1a\x1c.coinfer.v1.DescribeResponse\x12<\n\x05Probe\x12\x18.coinfer.v1.ProbeRequest\x1a\x19.coinfer.v1.ProbeResponse\x12\x42\n\x08Generate\x12\x19.coinfer.v1.DeviceMessage\x1a\x17.coinfer.v1.EdgeMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63oinfer/v1/edge.proto\x12\ncoinfer.v1\"*\n\x0f\x44\x65scribeRequest\x12\x17\n\x0finclude_profile\x18\x01 \x01(\x08\"\x86\x01\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\r\x12\x17\n\x0fmax_frame_bytes\x18\x05 \x01(\x04\"e\n\x04Load\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x02 \x01(\x04\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x15\n\rbusy_fraction\x18\x04 \x01(\x01\",\n\x08\x43ostLine\x12\r\n\x05\x66ixed\x18\x01 \x01(\x01\x12\x11\n\tper_token\x18\x02 \x01(\x01\"\xf1\x01\n\x0b\x43ostProfile\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x01(\r\x12\x33\n\x15layer_prefill_seconds\x18\x03 \x03(\x0b\x32\x14.coinfer.v1.CostLine\x12\x1c\n\x14layer_decode_seconds\x18\x04 \x03(\x01\x12\x15\n\rembed_seconds\x18\x05 \x01(\x01\x12\x14\n\x0chead_seconds\x18\x06 \x01(\x01\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12\x0c\n\x04host\x18\t \x01(\t\x12\x13\n\x0bmeasured_at\x18\n \x01(\x01\"\xad\x02\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x11\n\tmin_split\x18\x06 \x01(\r\x12\x0e\n\x06\x63odecs\x18\x07 \x03(\t\x12\"\n\x06limits\x18\x08 \x01(\x0b\x32\x12.coinfer.v1.Limits\x12\x1e\n\x04load\x18\t \x01(\x0b\x32\x10.coinfer.v1.Load\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x0f\n\x07weights\x18\x0b \x01(\t\x12(\n\x07profile\x18\x0c \x01(\x0b\x32\x17.coinfer.v1.CostProfile\"4\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"6\n\rProbeResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65\x64ge_seconds\x18\x02 \x01(\x01\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x9f\x01\n\x04Open\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05split\x18\x03 \x01(\r\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12&\n\x08sampling\x18\x05 \x01(\x0b\x32\x14.coinfer.v1.Sampling\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x10\n\x08stop_ids\x18\x07 \x03(\r\"+\n\x07Prefill\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\x15\n\x04Step\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\"\x83\x01\n\rDeviceMessage\x12 \n\x04open\x18\x01 \x01(\x0b\x32\x10.coinfer.v1.OpenH\x00\x12&\n\x07prefill\x18\x02 \x01(\x0b\x32\x13.coinfer.v1.PrefillH\x00\x12 \n\x04step\x18\x03 \x01(\x0b\x32\x10.coinfer.v1.StepH\x00\x42\x06\n\x04kind\"U\n\x0b\x45\x64geTimings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x03 \x01(\x01\"W\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\"\n\x06limits\x18\x03 \x01(\x0b\x32\x12.coinfer.v1.Limits\"\x91\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x10\n\x08position\x18\x03 \x01(\r\x12(\n\x07timings\x18\x04 \x01(\x0b\x32\x17.coinfer.v1.EdgeTimings\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.coinfer.v1.FinishReason\"\x90\x01\n\x04\x44one\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.coinfer.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12&\n\x05total\x18\x04 \x01(\x0b\x32\x17.coinfer.v1.EdgeTimings\"\x81\x01\n\x0b\x45\x64geMessage\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.coinfer.v1.OpenedH\x00\x12\"\n\x05token\x18\x02 \x01(\x0b\x32\x11.coinfer.v1.TokenH\x00\x12 \n\x04\x64one\x18\x03 \x01(\x0b\x32\x10.coinfer.v1.DoneH\x00\x42\x06\n\x04kind*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xd8\x01\n\rEdgeInference\x12\x45\n\x08\x44\x65scribe\x12\x1b.coinfer.v1.DescribeRequest\x1a\x1c.coinfer.v1.DescribeResponse\x12<\n\x05Probe\x12\x18.coinfer.v1.ProbeRequest\x1a\x19.coinfer.v1.ProbeResponse\x12\x42\n\x08Generate\x12\x19.coinfer.v1.DeviceMessage\x1a\x17.coinfer.v1.EdgeMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coinfer.v1.edge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1680
-  _globals['_FINISHREASON']._serialized_end=1775
+  _globals['_FINISHREASON']._serialized_start=2083
+  _globals['_FINISHREASON']._serialized_end=2178
   _globals['_DESCRIBEREQUEST']._serialized_start=37
-  _globals['_DESCRIBEREQUEST']._serialized_end=54
-  _globals['_LIMITS']._serialized_start=57
-  _globals['_LIMITS']._serialized_end=191
-  _globals['_LOAD']._serialized_start=193
-  _globals['_LOAD']._serialized_end=248
-  _globals['_DESCRIBERESPONSE']._serialized_start=251
-  _globals['_DESCRIBERESPONSE']._serialized_end=510
-  _globals['_PROBEREQUEST']._serialized_start=512
-  _globals['_PROBEREQUEST']._serialized_end=564
-  _globals['_PROBERESPONSE']._serialized_start=566
-  _globals['_PROBERESPONSE']._serialized_end=620
-  _globals['_SAMPLING']._serialized_start=622
-  _globals['_SAMPLING']._serialized_end=711
-  _globals['_OPEN']._serialized_start=714
-  _globals['_OPEN']._serialized_end=873
-  _globals['_PREFILL']._serialized_start=875
-  _globals['_PREFILL']._serialized_end=918
-  _globals['_STEP']._serialized_start=920
-  _globals['_STEP']._serialized_end=941
-  _globals['_DEVICEMESSAGE']._serialized_start=944
-  _globals['_DEVICEMESSAGE']._serialized_end=1075
-  _globals['_EDGETIMINGS']._serialized_start=1077
-  _globals['_EDGETIMINGS']._serialized_end=1162
-  _globals['_OPENED']._serialized_start=1164
-  _globals['_OPENED']._serialized_end=1251
-  _globals['_TOKEN']._serialized_start=1254
-  _globals['_TOKEN']._serialized_end=1399
-  _globals['_DONE']._serialized_start=1402
-  _globals['_DONE']._serialized_end=1546
-  _globals['_EDGEMESSAGE']._serialized_start=1549
-  _globals['_EDGEMESSAGE']._serialized_end=1678
-  _globals['_EDGEINFERENCE']._serialized_start=1778
-  _globals['_EDGEINFERENCE']._serialized_end=1994
+  _globals['_DESCRIBEREQUEST']._serialized_end=79
+  _globals['_LIMITS']._serialized_start=82
+  _globals['_LIMITS']._serialized_end=216
+  _globals['_LOAD']._serialized_start=218
+  _globals['_LOAD']._serialized_end=319
+  _globals['_COSTLINE']._serialized_start=321
+  _globals['_COSTLINE']._serialized_end=365
+  _globals['_COSTPROFILE']._serialized_start=368
+  _globals['_COSTPROFILE']._serialized_end=609
+  _globals['_DESCRIBERESPONSE']._serialized_start=612
+  _globals['_DESCRIBERESPONSE']._serialized_end=913
+  _globals['_PROBEREQUEST']._serialized_start=915
+  _globals['_PROBEREQUEST']._serialized_end=967
+  _globals['_PROBERESPONSE']._serialized_start=969
+  _globals['_PROBERESPONSE']._serialized_end=1023
+  _globals['_SAMPLING']._serialized_start=1025
+  _globals['_SAMPLING']._serialized_end=1114
+  _globals['_OPEN']._serialized_start=1117
+  _globals['_OPEN']._serialized_end=1276
+  _globals['_PREFILL']._serialized_start=1278
+  _globals['_PREFILL']._serialized_end=1321
+  _globals['_STEP']._serialized_start=1323
+  _globals['_STEP']._serialized_end=1344
+  _globals['_DEVICEMESSAGE']._serialized_start=1347
+  _globals['_DEVICEMESSAGE']._serialized_end=1478
+  _globals['_EDGETIMINGS']._serialized_start=1480
+  _globals['_EDGETIMINGS']._serialized_end=1565
+  _globals['_OPENED']._serialized_start=1567
+  _globals['_OPENED']._serialized_end=1654
+  _globals['_TOKEN']._serialized_start=1657
+  _globals['_TOKEN']._serialized_end=1802
+  _globals['_DONE']._serialized_start=1805
+  _globals['_DONE']._serialized_end=1949
+  _globals['_EDGEMESSAGE']._serialized_start=1952
+  _globals['_EDGEMESSAGE']._serialized_end=2081
+  _globals['_EDGEINFERENCE']._serialized_start=2181
+  _globals['_EDGEINFERENCE']._serialized_end=2397
 # @@protoc_insertion_point(module_scope)

@@ -17,8 +17,10 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_profile",)
+    INCLUDE_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    include_profile: bool
+    def __init__(self, include_profile: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_sessions", "max_context_tokens", "max_new_tokens", "max_message_bytes", "max_frame_bytes")
@@ -35,15 +37,51 @@ class Limits(_message.Message):
     def __init__(self, max_sessions: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("active_sessions", "kv_cache_bytes")
+    __slots__ = ("active_sessions", "kv_cache_bytes", "queue_seconds", "busy_fraction")
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     active_sessions: int
     kv_cache_bytes: int
-    def __init__(self, active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    queue_seconds: float
+    busy_fraction: float
+    def __init__(self, active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., busy_fraction: _Optional[float] = ...) -> None: ...
+
+class CostLine(_message.Message):
+    __slots__ = ("fixed", "per_token")
+    FIXED_FIELD_NUMBER: _ClassVar[int]
+    PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    fixed: float
+    per_token: float
+    def __init__(self, fixed: _Optional[float] = ..., per_token: _Optional[float] = ...) -> None: ...
+
+class CostProfile(_message.Message):
+    __slots__ = ("start", "stop", "layer_prefill_seconds", "layer_decode_seconds", "embed_seconds", "head_seconds", "precision", "threads", "host", "measured_at")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_AT_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    stop: int
+    layer_prefill_seconds: _containers.RepeatedCompositeFieldContainer[CostLine]
+    layer_decode_seconds: _containers.RepeatedScalarFieldContainer[float]
+    embed_seconds: float
+    head_seconds: float
+    precision: str
+    threads: int
+    host: str
+    measured_at: float
+    def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ..., layer_prefill_seconds: _Optional[_Iterable[_Union[CostLine, _Mapping]]] = ..., layer_decode_seconds: _Optional[_Iterable[float]] = ..., embed_seconds: _Optional[float] = ..., head_seconds: _Optional[float] = ..., precision: _Optional[str] = ..., threads: _Optional[int] = ..., host: _Optional[str] = ..., measured_at: _Optional[float] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "num_layers", "hidden_size", "vocab_size", "min_split", "codecs", "limits", "load", "server_version", "weights")
+    __slots__ = ("model", "fingerprint", "num_layers", "hidden_size", "vocab_size", "min_split", "codecs", "limits", "load", "server_version", "weights", "profile")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +93,7 @@ class DescribeResponse(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     num_layers: int
@@ -66,7 +105,8 @@ class DescribeResponse(_message.Message):
     load: Load
     server_version: str
     weights: str
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., min_split: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., server_version: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
+    profile: CostProfile
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., min_split: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., server_version: _Optional[str] = ..., weights: _Optional[str] = ..., profile: _Optional[_Union[CostProfile, _Mapping]] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ("payload", "reply_bytes")

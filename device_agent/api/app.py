@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from device_agent.api.errors import APIError
 from device_agent.api.logic import ServingLogic
-from device_agent.api.routes import completions, models, ops
+from device_agent.api.routes import completions, models, ops, plan
 from device_agent.generate import Engine
 
 log = logging.getLogger("coinfer.device")
@@ -31,7 +31,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def create_app(engine: Engine, model_name: str) -> FastAPI:
     app = FastAPI(title="coinfer device agent", version="1", docs_url="/docs", redoc_url=None)
     app.state.logic = ServingLogic(engine, model_name)
-    for r in (completions.router, models.router, ops.router):
+    for r in (completions.router, models.router, ops.router, plan.router):
         app.include_router(r)
 
     @app.exception_handler(APIError)

@@ -172,3 +172,46 @@ def test_edge_down_gives_503_unless_device_holds_all_layers(tiny_dir):
         r = c.post("/v1/chat/completions", json=chat(model=name))
         assert r.status_code == 200 and r.json()["coinfer"]["local_fallback"] is True
         assert c.post("/v1/chat/completions", json=chat(model=name, split=N)).status_code == 200
+
+
+# -- split "auto": the partitioner in the agent -------------------------------------------------
+def test_auto_split_is_planned_and_explained(client, model_name):
+    r = client.post("/v1/completions", json={"model": model_name, "prompt": "w1 w5 w9", "max_tokens": 6,
+                                             "temperature": 0, "split": "auto"})
+    assert r.status_code == 200, r.text
+    ext = r.json()["coinfer"]
+    plan = client.get("/v1/plan", params={"prompt_tokens": 3, "max_tokens": 6}).json()
+    assert ext["split_reason"].startswith("latency: split") and 0 <= ext["split"] <= N
+    assert ext["predicted"]["total_seconds"] > 0
+    assert [c["split"] for c in plan["per_split"]] == list(range(N + 1))
+    assert plan["edge"]["reachable"] and plan["edge"]["profile"]
+    assert plan["link"]["samples"]["up"] > 0  # the Describe polls and sessions taught the estimator
+
+
+def test_plan_endpoint_rejects_bad_parameters(client):
+    assert client.get("/v1/plan", params={"prompt_tokens": 0}).status_code == 400
+    assert client.get("/v1/plan", params={"max_tokens": "x"}).status_code == 400
+    r = client.get("/v1/plan", params={"codec": "zip"})
+    assert r.status_code == 400 and "unknown codec" in r.json()["error"]["message"]
+    assert client.get("/v1/plan").status_code == 200  # still serving
+
+
+def test_plan_respects_the_privacy_floor(tiny_dirs, edge):
+    app = build_app(AgentSettings(model_dir=str(tiny_dirs["qwen2"]), edge=address(edge), min_device_layers=4))
+    with TestClient(app) as c:
+        plan = c.get("/v1/plan", params={"prompt_tokens": 16, "max_tokens": 8}).json()
+        assert plan["split"] >= 4 and min(x["split"] for x in plan["per_split"]) == 4
+        name = c.get("/v1/models").json()["data"][0]["id"]
+        r = c.post("/v1/completions", json={"model": name, "prompt": "w1 w2", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["coinfer"]["split"] >= 4
+
+
+def test_auto_without_an_edge_runs_on_the_device(tiny_dirs):
+    app = build_app(AgentSettings(model_dir=str(tiny_dirs["qwen2"]), edge=""))
+    with TestClient(app) as c:
+        name = c.get("/v1/models").json()["data"][0]["id"]
+        r = c.post("/v1/completions", json={"model": name, "prompt": "w1 w2", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["coinfer"]["split"] == N
+        assert "device only" in r.json()["coinfer"]["split_reason"]
+        plan = c.get("/v1/plan").json()
+        assert plan["edge"] is None and [x["split"] for x in plan["per_split"]] == [N]

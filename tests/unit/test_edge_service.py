@@ -38,6 +38,10 @@ def test_describe_probe_health_reflection(edge, fp):
         assert (d.fingerprint, d.num_layers, d.hidden_size, d.min_split) == (fp, 6, 64, 0)
         assert set(d.codecs) >= {"f32", "f16", "int8", "int4"} and d.limits.max_sessions == 3
         assert len(s.Probe(pb.ProbeRequest(payload=b"x" * 1000, reply_bytes=5000), timeout=5).payload) == 5000
+        assert not d.HasField("profile")  # only when asked: the device polls the load often
+        p = s.Describe(pb.DescribeRequest(include_profile=True), timeout=5).profile
+        assert (p.start, p.stop, len(p.layer_decode_seconds), len(p.layer_prefill_seconds)) == (0, 6, 6, 6)
+        assert all(x > 0 for x in p.layer_decode_seconds) and p.head_seconds > 0 and p.embed_seconds > 0
     with grpc.insecure_channel(address(edge)) as ch:
         h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="coinfer.v1.EdgeInference"))
         assert h.status == health_pb2.HealthCheckResponse.SERVING
@@ -236,3 +240,15 @@ def test_half_close_before_the_end_frees_the_session(edge, fp):
 
 def hidden_frame_tiny(edge, k):
     return hidden_frame(edge.service.runner.model_dir, PROMPT, k)
+
+
+def test_load_tracker_reports_recent_queue_and_busy_share():
+    from edge_server.tail import LoadTracker
+
+    t = LoadTracker(window=2.0)
+    assert t.snapshot(now=100.0) == (0.0, 0.0)
+    t.record(0.3, 0.5, now=100.0)
+    t.record(0.1, 0.5, now=101.0)
+    assert t.snapshot(now=101.5) == pytest.approx((0.2, 0.5))
+    assert t.snapshot(now=102.5) == pytest.approx((0.1, 0.25))  # the first item left the window
+    assert t.snapshot(now=110.0) == (0.0, 0.0)  # idle: no queue
