@@ -2,10 +2,10 @@
 
 A transfer is (bytes up, bytes down, wall seconds from send to reply, seconds the edge says
 it spent). What is left after the edge's time is `RTT + up / up_bw + down / down_bw`: a
-line in the bytes. Decode steps (about 1 KB) pin its intercept, the RTT; prefills and
-probes (tens of KB) pin its slope, one over the bandwidth. The estimator fits that line by
-weighted least squares over recent transfers, older ones weighing less (a factor `forget`
-per newer sample), so it follows a link that changes.
+line in the bytes. Small exchanges (decode steps, polls) pin its intercept, the RTT; large
+ones (prefills, probes: tens of KB) pin its slope, one over the bandwidth. Both are weighted
+means over recent transfers, older ones weighing less (a factor `forget` per newer sample),
+so the estimate follows a link that changes.
 
 Change detection: a reply far off the prediction (a factor `jump`) is a surprise. A large
 transfer (mostly bytes) is believed at once and ages the older samples hard, so a drop
@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 from device_agent.partitioner import LinkEstimate
 
-MIN_SPREAD = 0.002  # s: transfers whose sizes differ by less serialization time say nothing about bandwidth
-MIN_SPREAD_BYTES = 4096  # nor do transfers that differ by less than this (jitter would set the slope)
+MIN_SERIALIZATION = 0.002  # s: a transfer whose bytes took less than this says nothing about bandwidth
 LARGE_DOWN = 4 << 10  # smaller replies do not move the downlink estimate
 LARGE_BYTES = 16 << 10  # a transfer this big is about bandwidth whatever the estimate says
 MIN_SURPRISE = 0.005  # s: smaller misses are jitter, whatever the ratio
@@ -33,14 +32,20 @@ MIN_SURPRISE = 0.005  # s: smaller misses are jitter, whatever the ratio
 
 @dataclass
 class _Line:
-    """y = intercept + slope * x over weighted recent samples (x bytes, y seconds)."""
+    """y = intercept + slope * x over weighted recent samples (x bytes, y seconds).
+
+    Two steps, because the sizes come in two clusters: the intercept (RTT) is the weighted mean
+    of `y - x * slope` over the small transfers (< 16 KB), and the slope (seconds per byte) is
+    fitted through that intercept over the ones the bytes dominate. A least
+    squares line through both clusters would instead set the RTT by extrapolating back from
+    100 KB prefills, turning a 1% error in the slope into tens of ms."""
 
     intercept: float
     slope: float  # seconds per byte
     forget: float
     samples: deque = field(default_factory=lambda: deque(maxlen=256))  # [x, y, weight]
     count: int = 0
-    updated: float = 0.0  # when a sample last moved the slope (0 = prior only)
+    updated: float = 0.0  # when a sample last arrived (0 = prior only)
 
     def add(self, x: float, y: float, fixed_intercept: float | None = None) -> None:
         for s in self.samples:
@@ -53,24 +58,22 @@ class _Line:
         for s in self.samples:
             s[2] *= factor
 
-    def _fit(self, fixed_intercept: float | None) -> bool:
-        w = sum(s[2] for s in self.samples)
-        mx = sum(s[0] * s[2] for s in self.samples) / w
-        my = sum(s[1] * s[2] for s in self.samples) / w
-        if fixed_intercept is not None:  # slope through a known intercept
-            sxx = sum(s[2] * s[0] ** 2 for s in self.samples)
-            slope = sum(s[2] * s[0] * (s[1] - fixed_intercept) for s in self.samples) / sxx if sxx else 0.0
-            spread = (sxx / w) ** 0.5
-        else:
-            sxx = sum(s[2] * (s[0] - mx) ** 2 for s in self.samples)
-            slope = sum(s[2] * (s[0] - mx) * (s[1] - my) for s in self.samples) / sxx if sxx else 0.0
-            spread = (sxx / w) ** 0.5
-        moved = slope > 0 and spread * slope >= MIN_SPREAD and spread >= MIN_SPREAD_BYTES
-        if moved:
-            self.slope = slope
+    def large(self, x: float, y: float) -> bool:
+        return x >= LARGE_BYTES or x * self.slope > 0.5 * y
+
+    def _rtt(self) -> float:
+        small = [s for s in self.samples if s[0] < LARGE_BYTES]  # their bytes at the fitted rate come off
+        w = sum(s[2] for s in small)
+        return sum(s[2] * (s[1] - s[0] * self.slope) for s in small) / w if w > 1e-9 else self.intercept
+
+    def _fit(self, fixed_intercept: float | None) -> None:
+        rtt = self._rtt() if fixed_intercept is None else fixed_intercept
+        big = [s for s in self.samples if self.large(s[0], s[1]) and s[1] - rtt > MIN_SERIALIZATION]
+        sxx = sum(s[2] * s[0] ** 2 for s in big)
+        if sxx > 0:
+            self.slope = sum(s[2] * s[0] * (s[1] - rtt) for s in big) / sxx
         if fixed_intercept is None:
-            self.intercept = max(my - self.slope * mx, 1e-5)
-        return moved
+            self.intercept = max(self._rtt(), 1e-5)
 
 
 class LinkEstimator:

@@ -123,6 +123,8 @@ class Planner:
                 self.skipped += 1
                 return
         self.link.observe(ex.bytes_up, ex.bytes_down, ex.wall, ex.edge_seconds)
+        log.debug("link sample: up %d B, down %d B, wall %.4f s, edge %.4f s -> %s", ex.bytes_up, ex.bytes_down,
+                  ex.wall, ex.edge_seconds, self.link.estimate())
         est = self.link.estimate()
         self.metrics.link_bandwidth.labels("up").set(est.up_bytes_per_second)
         self.metrics.link_bandwidth.labels("down").set(est.down_bytes_per_second)

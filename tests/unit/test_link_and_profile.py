@@ -171,3 +171,14 @@ def test_small_transfers_of_different_sizes_do_not_move_the_bandwidth():
     e = est.estimate()
     assert e.up_bytes_per_second == pytest.approx(bw, rel=0.1)
     assert e.rtt_seconds == pytest.approx(rtt, abs=0.006)
+
+
+def test_rtt_is_not_extrapolated_from_large_transfers():
+    """Prefills of 140 KB whose speed wobbles by 2% and a handful of small exchanges: the RTT
+    comes from the small ones (a 2% slope error on 4.4 s would be 88 ms of RTT)."""
+    est, bw, rtt = LinkEstimator(), 256e3 / 8, 0.005
+    for i, wobble in enumerate((1.02, 0.98, 1.02, 0.98, 1.01)):
+        est.observe(140_000, 40, 0.2 + rtt + 140_000 / (bw * wobble), 0.2, now=10 * i)
+        est.observe(300, 40, 0.2 + rtt + 300 / bw + 40 / bw, 0.2, now=10 * i + 5)
+    assert est.estimate().rtt_seconds == pytest.approx(rtt, abs=0.003)
+    assert est.estimate().up_bytes_per_second == pytest.approx(bw, rel=0.03)
