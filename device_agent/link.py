@@ -105,7 +105,7 @@ class LinkEstimator:
             x, ox = (bytes_up, bytes_down) if up_dominant else (bytes_down, bytes_up)
             y = residual - ox * other.slope
             predicted = self._up.intercept + x * line.slope
-            large = x * line.slope >= 0.5 * predicted or x >= LARGE_BYTES
+            large = line.large(x, predicted)  # by what the estimate expects, not by what came
             surprise = self._up.count > 0 and max(y / predicted, predicted / max(y, 1e-6)) >= self.jump \
                 and abs(y - predicted) >= MIN_SURPRISE  # the first sample replaces the prior, no surprise
             if surprise:

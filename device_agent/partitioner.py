@@ -100,6 +100,13 @@ class Plan:
     def codec(self) -> str:
         return self.best.codec
 
+    def per_split(self) -> dict[int, Candidate]:
+        """Each split's best candidate (its best codec), by split."""
+        best: dict[int, Candidate] = {}
+        for c in self.candidates:  # ranked best first
+            best.setdefault(c.split, c)
+        return dict(sorted(best.items()))
+
     def to_dict(self) -> dict:
         return {**self.best.to_dict(), "objective": self.objective, "reason": self.reason,
                 "candidates": [c.to_dict() for c in self.candidates]}

@@ -59,12 +59,8 @@ def _profiles(a: argparse.Namespace):
 
 
 def table(plan: part.Plan) -> str:
-    best_per_split: dict[int, part.Candidate] = {}
-    for c in plan.candidates:
-        best_per_split.setdefault(c.split, c)
     rows = [f"{'split':>5} {'codec':>9} {'TTFT ms':>8} {'ms/token':>9} {'total s':>8} {'KB up':>8} {'energy J':>9}"]
-    for k in sorted(best_per_split):
-        c = best_per_split[k]
+    for k, c in plan.per_split().items():
         mark = "  <- chosen" if c is plan.best else ""
         rows.append(f"{k:>5} {c.codec:>9} {c.ttft * 1e3:>8.0f} {c.per_token * 1e3:>9.1f} {c.total:>8.3f} "
                     f"{c.bytes_up / 1024:>8.1f} {c.energy:>9.3f}{mark}")
@@ -77,10 +73,8 @@ def plot(plan: part.Plan, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best_per_split: dict[int, part.Candidate] = {}
-    for c in plan.candidates:
-        best_per_split.setdefault(c.split, c)
-    ks = sorted(best_per_split)
+    best_per_split = plan.per_split()
+    ks = list(best_per_split)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(ks, [best_per_split[k].total for k in ks], marker=".", label="predicted total")
     ax.plot(ks, [best_per_split[k].ttft for k in ks], marker=".", label="predicted TTFT", alpha=0.6)

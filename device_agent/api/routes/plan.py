@@ -22,10 +22,7 @@ async def get_plan(request: Request, prompt_tokens: int = Query(128, ge=1, le=1 
         plan = await run_in_threadpool(planner.plan, prompt_tokens, max_tokens, codec)
     except PlanError as e:
         raise APIError(409, str(e), code="no_feasible_split") from None
-    per_split: dict[int, dict] = {}
-    for c in plan.candidates:  # ranked best first: keep each split's best codec
-        per_split.setdefault(c.split, c.to_dict())
     return {"object": "plan", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "split": plan.split,
             "codec": plan.codec, "reason": plan.reason, "objective": plan.objective, "predicted": plan.best.to_dict(),
-            "per_split": [per_split[k] for k in sorted(per_split)], **planner.snapshot()}
+            "per_split": [c.to_dict() for c in plan.per_split().values()], **planner.snapshot()}
 
