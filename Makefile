@@ -11,7 +11,7 @@ CODEC     ?= f16
 GEN_SPLIT ?= 15
 STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model run generate test unit integration bench bench-partition protos clean
+.PHONY: setup model run generate test unit integration bench bench-partition bench-edge protos clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ bench: setup model
 
 bench-partition: setup model  # ~30 min: 24 shaped-link cells, every cut measured
 	$(BIN)/python benchmarks/partition_oracle.py --model $(MODEL_DIR)
+
+bench-edge: setup model  # ~12 min: concurrency with and without batching, 4-turn chat with and without reuse
+	$(BIN)/python benchmarks/edge_concurrency.py --model $(MODEL_DIR)
+	$(BIN)/python benchmarks/prefix_reuse.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache

@@ -38,7 +38,13 @@ class AgentSettings(BaseSettings):
     connect_timeout_seconds: float = Field(5.0, gt=0, description="wait for the edge channel to connect, s")
     request_timeout_seconds: float = Field(300.0, gt=0, description="deadline of one generation on the edge, s")
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest gRPC message, bytes")
-    replays: int = Field(2, ge=0, description="times a lost edge session is reopened and replayed per request")
+    replays: int = Field(3, ge=0, description="times in a row a lost edge session is reopened and replayed "
+                         "without a new token in between")
+    busy_wait_seconds: float = Field(10.0, ge=0, description="how long a request retries an edge that is full "
+                                     "(RESOURCE_EXHAUSTED) before it runs locally or answers 503, s")
+    prefix_reuse: bool = Field(True, description="offer the edge the prefix of each request's tokens, so a chat "
+                               "turn sends only its new tokens when the edge still holds the earlier ones")
+    prefix_cache_bytes: int = Field(256 << 20, ge=0, description="head KV caches kept for prefix reuse, bytes")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
     weights: str = Field("fp32", pattern="^(fp32|bf16|int8)$",
                          description="weight precision of the layers loaded here: fp32 (exact), bf16, int8")

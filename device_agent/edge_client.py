@@ -21,9 +21,10 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grp
 class EdgeError(RuntimeError):
     """The edge refused or failed a request: carries the gRPC status code and its details."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after: float | None = None) -> None:
         super().__init__(f"edge: {code.name}: {details}")
         self.code, self.details = code, details
+        self.retry_after = retry_after  # s: the edge's hint (trailing metadata retry-after-ms) when it is full
 
     @property
     def retryable(self) -> bool:
@@ -33,7 +34,13 @@ class EdgeError(RuntimeError):
     def from_rpc(cls, e: grpc.RpcError) -> "EdgeError":
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = e.details() if hasattr(e, "details") else str(e)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+        retry_after = None
+        try:
+            hint = dict(e.trailing_metadata() or ()).get("retry-after-ms")
+            retry_after = int(hint) / 1000 if hint is not None else None
+        except (AttributeError, TypeError, ValueError):
+            pass  # no trailing metadata (connection-level failure) or a hint we cannot read
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", retry_after)
 
 
 class EdgeStream:

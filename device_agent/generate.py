@@ -1,34 +1,28 @@
 """One request end to end: choose the split, run the head, stream to the edge, detokenize.
 
 Split k = N runs on the device alone; k = 0 sends token ids and the edge generates on its
-own; 0 < k < N runs layers [0, k) here and sends one hidden-state frame per token. The
-token history is kept so a lost edge session is reopened and replayed (prefill again);
-with every replay spent, a device that holds all layers finishes the request itself.
+own; 0 < k < N runs layers [0, k) here and sends one hidden-state frame per token
+(device_agent/remote.py: prefix reuse, replay of lost sessions, retries when the edge is busy).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from coinfer import codec as codecs
-from coinfer.model.kv_cache import KVCache
 from coinfer.model.sampling import Sampler, SamplingParams
 from coinfer.model.tokenizer import Tokenizer
-from coinfer.v1 import edge_pb2 as pb
 from device_agent.config import AgentSettings
-from device_agent.edge_client import EdgeClient, EdgeError, Exchange
+from device_agent.edge_client import EdgeClient
 from device_agent.head import HeadRunner
 from device_agent.metrics import AgentMetrics
 from device_agent.partitioner import Plan, PlanError
 from device_agent.planning import Planner
+from device_agent.remote import EdgeRunner
 from device_agent.text import TextAssembler
 
-log = logging.getLogger("coinfer.device")
-FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 class RequestError(ValueError):
@@ -65,7 +59,9 @@ class RunStats:
     step_bytes_up: int = 0  # Step messages (one per generated token after the first)
     messages_up: int = 0
     messages_down: int = 0
+    cached_tokens: int = 0  # prompt positions the edge still held from an earlier turn (not sent)
     replays: int = 0
+    busy_retries: int = 0
     fallback: bool = False
     device_compute: float = 0.0
     edge_compute: float = 0.0
@@ -89,7 +85,8 @@ class RunStats:
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
             "prefill_bytes_up": self.prefill_bytes_up, "step_bytes_up": self.step_bytes_up,
             "messages_up": self.messages_up, "messages_down": self.messages_down,
-            "replays": self.replays, "local_fallback": self.fallback,
+            "cached_tokens": self.cached_tokens, "replays": self.replays, "busy_retries": self.busy_retries,
+            "local_fallback": self.fallback,
             "timings": {
                 "ttft_seconds": self.ttft, "total_seconds": self.total,
                 "device_compute_seconds": self.device_compute, "edge_compute_seconds": self.edge_compute,
@@ -120,6 +117,7 @@ class Engine:
         self.context = head.cfg.max_position_embeddings
         self.planner = planner or Planner(settings, head.cost_profile(settings.profile_dir or None), edge,
                                           self.metrics, head.fingerprint)
+        self.remote = EdgeRunner(settings, head, edge, self.planner, self.metrics) if edge is not None else None
 
     def plan(self, prompt_tokens: int, max_tokens: int, codec: str | None = None) -> tuple[int, str, str, Plan | None]:
         """Split "auto": (split, codec, reason, plan) from the partitioner over fresh estimates."""
@@ -177,7 +175,8 @@ class Engine:
         n, finish = 0, "length"
         try:
             source = self._local(req, req.prompt_ids, req.max_tokens, stats) if k == self.num_layers \
-                else self._remote(req, k, codec, stats)
+                else self.remote.tokens(req, k, codec, self._stop_ids(req), stats,
+                                        lambda history, max_new: self._local(req, history, max_new, stats))
             try:
                 for token, logprob, done in source:
                     now = time.perf_counter()
@@ -206,6 +205,7 @@ class Engine:
             self.metrics.tokens.labels("device" if k == self.num_layers else "edge" if k == 0 else "split").inc(n)
             self.metrics.wire_bytes.labels("up").inc(stats.bytes_up)
             self.metrics.wire_bytes.labels("down").inc(stats.bytes_down)
+            self.metrics.cached_tokens.inc(stats.cached_tokens)
         stats.total = time.perf_counter() - t0
         yield Result(finish, len(req.prompt_ids), n, stats)
 
@@ -226,83 +226,3 @@ class Engine:
             if finish:
                 return
             ids = [token]
-
-    def _remote(self, req: GenerationRequest, k: int, codec: str, stats: RunStats):
-        history = list(req.prompt_ids)  # every token the edge session must hold
-        generated = 0
-        while True:
-            try:
-                for token, logprob, finish in self._session(req, k, codec, history, req.max_tokens - generated, stats):
-                    history.append(token)
-                    generated += 1
-                    yield token, logprob, finish
-                return
-            except EdgeError as e:
-                self.metrics.edge_errors.labels(e.code.name).inc()
-                if not e.retryable:
-                    raise
-                if stats.replays < self.settings.replays:
-                    stats.replays += 1
-                    self.metrics.replays.inc()
-                    log.warning("edge session lost (%s); replaying %d tokens", e, len(history))
-                    time.sleep(min(0.2 * 2 ** stats.replays, 2.0))
-                    continue
-                if not self.head.holds_all_layers:
-                    raise
-                log.warning("edge lost (%s); finishing on the device", e)
-                stats.fallback = True
-                self.metrics.fallbacks.inc()
-                yield from self._local(req, history, req.max_tokens - generated, stats)
-                return
-
-    def _session(self, req: GenerationRequest, k: int, codec: str, history: list[int], max_new: int,
-                 stats: RunStats):
-        sp = req.sampling
-        open_msg = pb.Open(
-            session_id=uuid.uuid4().hex, fingerprint=self.head.fingerprint, split=k, codec=codec,
-            sampling=pb.Sampling(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed),
-            max_new_tokens=max_new, stop_ids=sorted(self._stop_ids(req)))
-        t0 = time.perf_counter()
-        stream, _ = self.edge.open(open_msg)
-        stats.edge_wait += time.perf_counter() - t0
-        try:
-            if k == 0:
-                prefill = pb.DeviceMessage(prefill=pb.Prefill(token_ids=history))
-            else:
-                view = self.head.view(k)
-                cache = view.new_cache()
-                prefill = pb.DeviceMessage(prefill=pb.Prefill(frame=self._frame(view, history, cache, codec, stats)))
-            stats.prefill_bytes_up += prefill.ByteSize()
-            sent, sent_bytes, quiet = time.perf_counter(), prefill.ByteSize(), self.planner.quiet(1)
-            stream.send(prefill)
-            while True:
-                t0 = time.perf_counter()
-                tok = stream.recv("token")
-                now = time.perf_counter()
-                stats.edge_wait += now - t0
-                tm = tok.timings
-                stats.edge_compute += tm.compute_seconds
-                stats.edge_queue += tm.queue_seconds
-                stats.edge_decode += tm.decode_seconds
-                if sent_bytes:  # a request/reply exchange: teach the link estimator
-                    self.planner.observe(Exchange(sent_bytes, tok.ByteSize(), now - sent,
-                                                  tm.compute_seconds + tm.queue_seconds + tm.decode_seconds), quiet)
-                    sent_bytes = 0
-                finish = FINISH.get(tok.finish_reason)
-                yield tok.id, tok.logprob, finish
-                if finish:
-                    stream.recv("done")
-                    return
-                if k > 0:
-                    step = pb.DeviceMessage(step=pb.Step(frame=self._frame(view, [tok.id], cache, codec, stats)))
-                    stats.step_bytes_up += step.ByteSize()
-                    sent, sent_bytes, quiet = time.perf_counter(), step.ByteSize(), self.planner.quiet(1)
-                    stream.send(step)
-        finally:
-            stream.close()
-            stats.add_stream(stream)
-
-    def _frame(self, view, ids: list[int], cache: KVCache, codec: str, stats: RunStats) -> bytes:
-        frame, dt = self.head.hidden_frame(view, ids, cache, codec)
-        stats.device_compute += dt
-        return frame

@@ -21,6 +21,10 @@ class AgentMetrics:
         self.split_layer = Gauge("coinfer_split_layer", "Split layer of the latest request", registry=r)
         self.tokens = Counter("coinfer_generated_tokens", "Tokens generated", ["split_kind"], registry=r)
         self.replays = Counter("coinfer_replays", "Edge sessions reopened and replayed", registry=r)
+        self.busy_retries = Counter("coinfer_busy_retries", "Sessions retried after the edge said it was full",
+                                    registry=r)
+        self.cached_tokens = Counter("coinfer_prefix_reused_tokens", "Prompt positions the edge still held "
+                                     "from an earlier turn (not sent again)", registry=r)
         self.fallbacks = Counter("coinfer_local_fallbacks", "Requests finished on the device, edge lost", registry=r)
         self.edge_errors = Counter("coinfer_edge_errors", "Edge errors by gRPC status", ["code"], registry=r)
         self.link_bandwidth = Gauge("coinfer_link_bandwidth_bytes_per_second", "Estimated link bandwidth",

@@ -22,7 +22,20 @@ class EdgeSettings(BaseSettings):
     max_new_tokens: int = Field(2048, ge=1, description="generated tokens per session")
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest gRPC message, bytes")
     max_frame_bytes: int = Field(64 << 20, ge=1024, description="largest decoded tensor frame, bytes")
-    workers: int = Field(32, ge=2, description="gRPC handler threads (one per open stream)")
+    workers: int = Field(48, ge=2, description="gRPC handler threads (one per open stream, plus unary calls)")
+    kv_budget_bytes: int = Field(1 << 30, ge=1 << 16, description="KV cache bytes of all sessions together, live "
+                                 "and kept for prefix reuse; beyond it idle caches are evicted (LRU), bytes")
+    kv_chunk_tokens: int = Field(64, ge=1, description="positions a session's KV cache grows by at a time")
+    idle_timeout_seconds: float = Field(300.0, gt=0, description="a session whose device sends nothing this "
+                                        "long loses its KV cache (its device replays), s")
+    prefix_reuse: bool = Field(True, description="keep finished sessions' KV caches (within the budget) for the "
+                               "next chat turn's prefix")
+    keep_seconds: float = Field(600.0, gt=0, description="how long a finished session's cache is kept, s")
+    max_batch: int = Field(32, ge=1, description="decode steps of different sessions run in one forward")
+    batch_wait_ms: float = Field(10.0, ge=0, description="longest wait for steps of decoding sessions to fill a "
+                                 "batch (it ends early once 2 ms pass with no new step), ms")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prefills run in chunks this long, interleaved with "
+                                      "decode batches")
     grace_seconds: float = Field(10.0, ge=0, description="SIGTERM: time in-flight sessions get to finish, s")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
     weights: str = Field("fp32", pattern="^(fp32|bf16|int8)$",

@@ -12,7 +12,7 @@ class EdgeMetrics:
         r = self.registry = CollectorRegistry()
         self.sessions = Counter("coinfer_sessions", "Generate sessions by outcome", ["outcome"], registry=r)
         self.active_sessions = Gauge("coinfer_active_sessions", "Open sessions", registry=r)
-        self.kv_cache_bytes = Gauge("coinfer_kv_cache_bytes", "KV cache bytes held by open sessions", registry=r)
+        self.kv_cache_bytes = Gauge("coinfer_kv_cache_bytes", "KV cache bytes held: live sessions and caches kept for prefix reuse", registry=r)
         self.wire_bytes = Counter("coinfer_wire_bytes", "Serialized stream message bytes", ["direction"], registry=r)
         self.tokens = Counter("coinfer_generated_tokens", "Tokens generated", registry=r)
         self.split_layer = Histogram(
@@ -24,6 +24,21 @@ class EdgeMetrics:
         self.step_seconds = Histogram(
             "coinfer_step_seconds", "Edge compute for one decode step", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.batch_size = Histogram("coinfer_batch_size", "Decode steps per batched forward",
+                                    buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64), registry=r)
+        self.prefill_chunks = Counter("coinfer_prefill_chunks", "Prefill chunks run (long prompts are split so "
+                                      "decoding sessions are not held up)", registry=r)
+        self.kv_budget_bytes = Gauge("coinfer_kv_budget_bytes", "KV cache budget", registry=r)
+        self.kv_kept_caches = Gauge("coinfer_kv_kept_caches", "Finished sessions' caches kept for reuse",
+                                    registry=r)
+        self.evictions = Counter("coinfer_kv_evictions", "KV caches evicted, by kind (live session, kept cache, "
+                                 "idle timeout)", ["kind"], registry=r)
+        self.prefix_hits = Counter("coinfer_prefix_hits", "Sessions opened on a kept prefix", registry=r)
+        self.prefix_tokens = Counter("coinfer_prefix_reused_tokens", "Positions reused from kept caches",
+                                     registry=r)
+        self.prefix_bytes_saved = Counter("coinfer_prefix_saved_bytes", "Uplink bytes the devices did not send "
+                                          "thanks to reuse (reused positions x the session's frame bytes per "
+                                          "position)", registry=r)
         self.queue_seconds = Histogram(
             "coinfer_queue_seconds", "Wait for the model per forward", buckets=LATENCY_BUCKETS, registry=r
         )

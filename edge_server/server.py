@@ -44,7 +44,7 @@ class EdgeServer:
         if settings.torch_threads:
             compute.set_num_threads(settings.torch_threads)
         runner = TailRunner(settings.model_dir, settings.min_split, settings.max_frame_bytes, settings.weights,
-                            settings.profile_dir or None, settings.profile)
+                            settings.profile_dir or None, settings.profile, settings.kv_chunk_tokens)
         self.service = EdgeService(runner, settings, EdgeMetrics())
         self.health = health.HealthServicer()
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
@@ -84,6 +84,7 @@ class EdgeServer:
         self.service.draining.set()
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
+        self.service.scheduler.close()
         self._ops.should_exit = True
         self._ops_thread.join(timeout=5)
         log.info("edge stopped")

@@ -15,10 +15,13 @@ from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
 from edge_server.config import EdgeSettings
 from edge_server.metrics import EdgeMetrics
-from edge_server.sessions import SessionExistsError, SessionLimitError, SessionStore
+from coinfer.prefix import BLOCK, DIGEST, PrefixChain
+from edge_server.scheduler import Scheduler
+from edge_server.sessions import SessionEvicted, SessionExistsError, SessionLimitError, SessionStore
 from edge_server.tail import TailRunner, TailSession, Timings
 
 log = logging.getLogger("coinfer.edge")
+MAX_OFFERS = 64  # prefixes one Open may offer for reuse
 STOP, LENGTH, MORE = pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_UNSPECIFIED
 
 
@@ -27,9 +30,9 @@ class ClientGone(Exception):
 
 
 class Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.retry_after = code, message, retry_after
 
 
 def timings_pb(t: Timings) -> pb.EdgeTimings:
@@ -52,10 +55,22 @@ def frame_tokens(frame: bytes) -> int:
 class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
     def __init__(self, runner: TailRunner, settings: EdgeSettings, metrics: EdgeMetrics) -> None:
         self.runner, self.settings, self.metrics = runner, settings, metrics
-        self.sessions = SessionStore(settings.max_sessions)
+        self.sessions = SessionStore(settings.max_sessions, settings.kv_budget_bytes, settings.idle_timeout_seconds,
+                                     settings.keep_seconds)
+        self.scheduler = Scheduler(runner.model, self.sessions, settings.max_batch, settings.batch_wait_ms / 1000,
+                                   settings.prefill_chunk_tokens, on_batch=self._on_batch)
         ctx = runner.cfg.max_position_embeddings
         self.max_context = min(settings.max_context_tokens or ctx, ctx)
         self.draining = threading.Event()
+        self._counted_stats: dict[str, int] = {}
+        metrics.kv_budget_bytes.set(settings.kv_budget_bytes)
+
+    def _on_batch(self, kind: str, size: int, queue: float, seconds: float) -> None:
+        self.runner.load.record(queue, seconds)
+        if kind == "decode":
+            self.metrics.batch_size.observe(size)
+        else:
+            self.metrics.prefill_chunks.inc()
 
     # -- unary ---------------------------------------------------------------------------
     def limits(self) -> pb.Limits:
@@ -71,8 +86,9 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
             model=runner.model_dir.name, fingerprint=runner.fingerprint, num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, min_split=runner.min_split,
             codecs=list(codec.CODECS), limits=self.limits(),
-            load=pb.Load(active_sessions=len(self.sessions), kv_cache_bytes=self.sessions.kv_cache_bytes(),
-                         queue_seconds=queue, busy_fraction=busy),
+            load=pb.Load(active_sessions=len(self.sessions), kv_cache_bytes=self.sessions.used_bytes,
+                         queue_seconds=queue, busy_fraction=busy, kv_budget_bytes=self.sessions.budget,
+                         kept_caches=self.sessions.kept_count),
             server_version=__version__, weights=runner.model.precision,
         )
         if request.include_profile and runner.profile is not None:
@@ -94,6 +110,8 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         except Abort as e:
             outcome = e.code.name.lower()
             log.info("session aborted: %s %s", e.code.name, e.message)
+            if e.retry_after is not None:
+                context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after * 1000))),))
             context.abort(e.code, e.message)
         except (ClientGone, grpc.RpcError):
             outcome = "client_gone"
@@ -113,8 +131,18 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         return msg
 
     def update_gauges(self) -> None:
-        self.metrics.active_sessions.set(len(self.sessions))
-        self.metrics.kv_cache_bytes.set(self.sessions.kv_cache_bytes())
+        m, store = self.metrics, self.sessions
+        m.active_sessions.set(len(store))
+        m.kv_cache_bytes.set(store.used_bytes)
+        m.kv_kept_caches.set(store.kept_count)
+        st = store.stats
+        for counter, value in ((m.evictions.labels("live"), st.evicted_live), (m.evictions.labels("kept"), st.evicted_kept),
+                               (m.evictions.labels("expired"), st.expired), (m.prefix_hits, st.prefix_hits),
+                               (m.prefix_tokens, st.prefix_tokens)):
+            last = self._counted_stats.get(id(counter), 0)
+            if value > last:
+                counter.inc(value - last)
+                self._counted_stats[id(counter)] = value
 
     def _session(self, requests, gone: threading.Event) -> Iterator[pb.EdgeMessage]:
         first = _next(requests)
@@ -122,16 +150,32 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"the first message must be Open, got {first.WhichOneof('kind')}")
         op = first.open
         session = self._open(op)
+        keep = False
         try:
             with self.sessions.hold(op.session_id, session):
-                self.metrics.split_layer.observe(op.split)
-                self.update_gauges()
-                yield self._send(pb.EdgeMessage(opened=pb.Opened(session_id=op.session_id, limits=self.limits())))
-                yield from self._run(session, op, requests, gone)
+                try:
+                    session.cached_tokens = self._claim(session, op)
+                    self.metrics.split_layer.observe(op.split)
+                    self.update_gauges()
+                    yield self._send(pb.EdgeMessage(opened=pb.Opened(session_id=op.session_id, limits=self.limits(),
+                                                                     cached_tokens=session.cached_tokens)))
+                    keep = True  # a device that goes away early still leaves a consistent cache
+                    yield from self._run(session, op, requests, gone)
+                except ClientGone:
+                    raise
+                except BaseException:
+                    keep = False
+                    raise
+                finally:
+                    self.scheduler.finished(session)
+                    if keep and self.settings.prefix_reuse:
+                        self.sessions.keep(session)
         except SessionLimitError as e:
-            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after) from None
         except SessionExistsError as e:
             raise Abort(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+        except SessionEvicted as e:
+            raise Abort(grpc.StatusCode.ABORTED, str(e)) from None
 
     def _open(self, op: pb.Open) -> TailSession:
         if self.draining.is_set():
@@ -149,6 +193,10 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         if not 1 <= op.max_new_tokens <= self.settings.max_new_tokens:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"max_new_tokens must be in 1..{self.settings.max_new_tokens}, got {op.max_new_tokens}")
+        if len(op.prefix_hashes) != len(op.prefix_lengths) or len(op.prefix_hashes) > MAX_OFFERS \
+                or any(len(h) != DIGEST for h in op.prefix_hashes):
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"prefix_hashes ({DIGEST} bytes each) and prefix_lengths must pair up, at most {MAX_OFFERS}")
         try:
             if op.split > 0:
                 codec.get_codec(op.codec)
@@ -157,7 +205,14 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
                                     seed=sp.seed if sp.HasField("seed") else None)
         except ValueError as e:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        return self.runner.new_session(op.split, op.codec, params)
+        return self.runner.new_session(op.split, op.codec if op.split > 0 else "token_ids", params, op.session_id,
+                                       op.max_new_tokens)
+
+    def _claim(self, s: TailSession, op: pb.Open) -> int:
+        """Positions of a kept cache this session starts from (0 when reuse is off or nothing matches)."""
+        if not (self.settings.prefix_reuse and op.prefix_hashes):
+            return 0
+        return self.sessions.claim(s, list(zip(op.prefix_hashes, op.prefix_lengths)))
 
     def _next_input(self, requests, want: str):
         msg = _next(requests)
@@ -166,23 +221,46 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"expected {want}, got {kind}")
         return getattr(msg, want)
 
+    def _prefill(self, s: TailSession, op: pb.Open, prefill: pb.Prefill) -> tuple[int, float, Timings]:
+        n_new = len(prefill.token_ids) if s.split == 0 else frame_tokens(prefill.frame)
+        total = s.cached_tokens + n_new
+        if total + op.max_new_tokens > self.max_context:
+            raise ValueError(f"prompt ({total} tokens) + max_new_tokens ({op.max_new_tokens}) "
+                             f"exceeds the context limit of {self.max_context} tokens")
+        if prefill.block_hashes or prefill.chain_state:
+            want = total // BLOCK - s.cached_tokens // BLOCK
+            if len(prefill.block_hashes) != want or len(prefill.chain_state) != DIGEST \
+                    or any(len(h) != DIGEST for h in prefill.block_hashes):
+                raise ValueError(f"block_hashes must name the {want} {BLOCK}-token blocks this prefill completes "
+                                 f"({DIGEST} bytes each, with a {DIGEST}-byte chain_state); "
+                                 f"got {len(prefill.block_hashes)}")
+            s.chain = PrefixChain(prefill.chain_state, total, s.chain_blocks + list(prefill.block_hashes))
+        t = Timings()
+        x = self.runner.prefill_input(s, prefill.frame, list(prefill.token_ids), t)
+        token, logprob, ts = self.scheduler.prefill(s, x)
+        t.add(ts)
+        s.prompt_tokens = total
+        if s.cached_tokens and n_new:
+            self.metrics.prefix_bytes_saved.inc(s.cached_tokens * prefill.ByteSize() / n_new)
+        return token, logprob, t
+
     def _run(self, s: TailSession, op: pb.Open, requests, gone: threading.Event) -> Iterator[pb.EdgeMessage]:
         stops = frozenset(op.stop_ids)
         prefill = self._next_input(requests, "prefill")
         try:
-            n_prompt = len(prefill.token_ids) if s.split == 0 else frame_tokens(prefill.frame)
-            if n_prompt + op.max_new_tokens > self.max_context:
-                raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({op.max_new_tokens}) "
-                                 f"exceeds the context limit of {self.max_context} tokens")
-            token, logprob, t = self.runner.prefill(s, prefill.frame, list(prefill.token_ids))
+            token, logprob, t = self._prefill(s, op, prefill)
             self.metrics.prefill_seconds.observe(t.compute)
             while True:
+                s.generated += 1
+                s.total.add(t)
                 self.metrics.queue_seconds.observe(t.queue)
                 self.metrics.tokens.inc()
                 finish = STOP if token in stops else LENGTH if s.generated >= op.max_new_tokens else MORE
                 yield self._send(pb.EdgeMessage(token=pb.Token(
                     id=token, logprob=logprob, position=s.position, timings=timings_pb(t), finish_reason=finish)))
                 if finish != MORE:
+                    if self.settings.prefix_reuse:
+                        self.sessions.keep(s)  # before Done: the device's next turn may open right after it
                     yield self._send(pb.EdgeMessage(done=pb.Done(
                         finish_reason=finish, prompt_tokens=s.prompt_tokens, generated_tokens=s.generated,
                         total=timings_pb(s.total))))
@@ -190,7 +268,11 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
                 if gone.is_set():
                     return
                 frame = None if s.split == 0 else self._next_input(requests, "step").frame
-                token, logprob, t = self.runner.step(s, frame, token)
+                x, t = self.runner.step_input(s, frame, token)
+                fed, (token, logprob, ts) = token, self.scheduler.step(s, x)
+                t.add(ts)
+                if s.chain is not None:
+                    s.chain.extend([fed])  # the cache now holds the token it was fed
                 self.metrics.step_seconds.observe(t.compute)
         except (codec.CodecError, ValueError) as e:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None

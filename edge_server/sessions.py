@@ -1,58 +1,236 @@
-"""Session store: the live sessions of this edge and their KV caches, under a session limit.
+"""Session store: live sessions and their KV caches under a session limit and a byte budget.
 
-A session lives as long as its Generate stream; the store frees its KV cache when the
-stream ends for any reason (done, error, client gone).
+Every KV byte on the edge is counted here: the caches of live sessions and of finished
+sessions kept for prefix reuse. A cache grows only through `reserve`, which makes room
+first by evicting, least recently used first, the kept caches and then the caches of
+live sessions that are idle (waiting for their device, not in a batch). An evicted live
+session is marked; its next step is refused with ABORTED, and the device replays its
+token history. Finished sessions' caches are kept, indexed by their prefix block hashes
+(coinfer.prefix), until the budget needs the room or they expire; `claim` hands the
+longest matching one to a new session.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+from coinfer.model.kv_cache import KVCache
+from coinfer.prefix import BLOCK
 from edge_server.tail import TailSession
 
 
 class SessionLimitError(RuntimeError):
-    pass
+    """Over the session limit or the KV budget: RESOURCE_EXHAUSTED with a retry hint."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SessionExistsError(RuntimeError):
     pass
 
 
+class SessionEvicted(RuntimeError):
+    """The session's KV cache was evicted (budget or idle timeout): the device must replay."""
+
+
+@dataclass
+class Kept:
+    """A finished session's cache, kept for prefix reuse."""
+
+    cache: KVCache
+    split: int
+    codec: str
+    hashes: list[bytes]  # block hashes of the prefixes it holds: (i + 1) * BLOCK tokens
+    kept_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class StoreStats:
+    evicted_live: int = 0
+    evicted_kept: int = 0
+    expired: int = 0
+    prefix_hits: int = 0
+    prefix_tokens: int = 0  # positions reused instead of recomputed
+
+
 class SessionStore:
-    def __init__(self, max_sessions: int) -> None:
-        self.max_sessions = max_sessions
+    def __init__(self, max_sessions: int, budget_bytes: int, idle_timeout: float = 300.0,
+                 keep_seconds: float = 600.0) -> None:
+        self.max_sessions, self.budget = max_sessions, budget_bytes
+        self.idle_timeout, self.keep_seconds = idle_timeout, keep_seconds
         self._sessions: dict[str, TailSession] = {}
-        self._lock = threading.Lock()
+        self._kept: OrderedDict[int, Kept] = OrderedDict()  # least recently kept first
+        self._index: dict[bytes, int] = {}  # block hash -> id(Kept)
+        self._bytes = self.peak_bytes = 0
+        self.stats = StoreStats()
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def kept_count(self) -> int:
+        return len(self._kept)
+
+    # -- live sessions ----------------------------------------------------------------------
     @contextmanager
     def hold(self, session_id: str, session: TailSession) -> Iterator[TailSession]:
-        """Register the session for the duration of the block; always removed afterwards."""
+        """Register the session for the duration of the block; its cache is freed afterwards unless kept."""
         with self._lock:
             if session_id in self._sessions:
                 raise SessionExistsError(f"session {session_id!r} is already open")
             if len(self._sessions) >= self.max_sessions:
-                raise SessionLimitError(f"edge is at its session limit ({self.max_sessions}); retry later")
+                raise SessionLimitError(f"edge is at its session limit ({self.max_sessions}); retry later",
+                                        self.retry_after())
             self._sessions[session_id] = session
+            self._bytes += session.cache.nbytes
         try:
             yield session
         finally:
             with self._lock:
                 self._sessions.pop(session_id, None)
+                self._free(session.cache)
 
-    def kv_cache_bytes(self) -> int:
+    def pin(self, s: TailSession) -> None:
+        """Mark a session as having work queued (not evictable). Raises SessionEvicted."""
         with self._lock:
-            return sum(s.cache.nbytes for s in self._sessions.values())
+            if s.evicted:
+                raise SessionEvicted(f"session {s.session_id!r} was evicted ({s.evicted}); replay its history")
+            s.pins += 1
+
+    def unpin(self, s: TailSession) -> None:
+        with self._lock:
+            s.pins -= 1
+            s.last_used = time.monotonic()
+
+    def reserve(self, s: TailSession, length: int) -> None:
+        """Grow s's cache to hold `length` positions within the budget (evicting if needed).
+
+        Allocates the storage (call it on the compute thread). Raises SessionLimitError when
+        even evicting every idle cache would not make room.
+        """
+        with self._lock:
+            growth = s.cache.nbytes_at(length) - s.cache.nbytes
+            if growth <= 0:
+                return
+            while self._bytes + growth > self.budget:
+                if not self._evict_one(exclude=s):
+                    raise SessionLimitError(
+                        f"KV cache budget full ({self._bytes} of {self.budget} bytes in use by sessions "
+                        f"in progress; this one needs {growth} more); retry later", self.retry_after())
+            s.cache.reserve(length)
+            self._bytes += growth
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
+
+    def _evict_one(self, exclude: TailSession) -> bool:
+        if self._kept:
+            self._drop_kept(next(iter(self._kept)))
+            self.stats.evicted_kept += 1
+            return True
+        idle = [s for s in self._sessions.values() if s is not exclude and not s.pins and s.cache.nbytes]
+        if not idle:
+            return False
+        self.evict(min(idle, key=lambda s: s.last_used), "KV cache budget")
+        return True
+
+    def evict(self, s: TailSession, why: str) -> None:
+        with self._lock:
+            s.evicted = why
+            self._free(s.cache)
+            self.stats.evicted_live += 1
+
+    def _free(self, cache: KVCache) -> None:
+        self._bytes -= cache.nbytes
+        cache.clear()
+
+    # -- prefix reuse -----------------------------------------------------------------------
+    def keep(self, s: TailSession) -> bool:
+        """Keep a finished session's cache for prefix reuse; its live session no longer owns it."""
+        if s.chain is None or s.evicted:
+            return False
+        hashes = s.chain.blocks_within(s.cache.length)
+        if not hashes:
+            return False
+        with self._lock:
+            kept = Kept(KVCache(0, 0, 0), s.split, s.codec, hashes)
+            kept.cache, s.cache = s.cache, kept.cache  # the live session ends holding an empty cache
+            older = {self._index[h] for h in hashes if h in self._index}
+            self._kept[id(kept)] = kept
+            self._index.update((h, id(kept)) for h in hashes)
+            for key in older:  # an older cache of a prefix of this one serves nothing the new one can't
+                if key in self._kept and not any(self._index.get(h) == key for h in self._kept[key].hashes):
+                    self._drop_kept(key)
+            return True
+
+    def claim(self, s: TailSession, offers: list[tuple[bytes, int]]) -> int:
+        """Give s the kept cache of the longest offered prefix (hash, length) it holds for s's split
+        and codec; returns the positions s now starts from (0: none).
+
+        The kept cache leaves the kept set, truncated to the match; its bytes move to s, and the
+        names of the blocks it holds go to s.chain_blocks.
+        """
+        with self._lock:
+            for h, length in sorted(offers, key=lambda o: -o[1]):
+                key = self._index.get(h)
+                kept = self._kept.get(key) if key is not None else None
+                i = length // BLOCK - 1
+                if kept is None or length % BLOCK or kept.split != s.split or kept.codec != s.codec \
+                        or not 0 <= i < len(kept.hashes) or kept.hashes[i] != h:
+                    continue
+                self._drop_kept(key, free=False)
+                self._free(s.cache)
+                s.cache, s.chain_blocks = kept.cache, kept.hashes[: i + 1]
+                s.cache.truncate(length)
+                self._bytes += s.cache.nbytes
+                self.stats.prefix_hits += 1
+                self.stats.prefix_tokens += length
+                return length
+            return 0
+
+    def _drop_kept(self, key: int, free: bool = True) -> None:
+        kept = self._kept.pop(key)
+        for h in kept.hashes:
+            if self._index.get(h) == key:
+                del self._index[h]
+        self._bytes -= kept.cache.nbytes
+        if free:
+            kept.cache.clear()
+
+    # -- housekeeping -----------------------------------------------------------------------
+    def reap(self, now: float | None = None) -> None:
+        """Evict live sessions idle past the timeout; drop kept caches past their time."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for s in list(self._sessions.values()):
+                if not s.pins and not s.evicted and now - s.last_used > self.idle_timeout:
+                    self.evict(s, f"idle for more than {self.idle_timeout:g} s")
+            for key, kept in list(self._kept.items()):
+                if now - kept.kept_at > self.keep_seconds:
+                    self._drop_kept(key)
+                    self.stats.expired += 1
+
+    def retry_after(self) -> float:
+        """Seconds until a session is likely to end: the soonest expected finish among live ones."""
+        with self._lock:
+            etas = [s.expected_remaining() for s in self._sessions.values()]
+        return min(30.0, max(0.1, min(etas, default=1.0)))
 
     def snapshot(self) -> list[dict]:
         with self._lock:
             return [
                 {"session_id": sid, "split": s.split, "codec": s.codec, "prompt_tokens": s.prompt_tokens,
-                 "generated_tokens": s.generated, "kv_cache_bytes": s.cache.nbytes}
+                 "cached_tokens": s.cached_tokens, "generated_tokens": s.generated, "kv_cache_bytes": s.cache.nbytes,
+                 "evicted": s.evicted or None}
                 for sid, s in self._sessions.items()
             ]

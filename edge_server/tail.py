@@ -1,9 +1,9 @@
-"""TailRunner: the edge's part of the model, layers [k, N) + norm + lm_head, and sampling.
+"""TailRunner: the edge's part of the model, layers [k, N) + norm + lm_head, and its sessions' inputs.
 
 The edge loads layers [min_split, N) once; a session at split k runs a parameter-sharing
 view of [k, N). At k = 0 the view includes the embedding and the edge runs the whole model.
-Loading, forwards and sampling run on the process's one compute thread (coinfer.compute),
-which also serializes them (batching across sessions is the scheduler's job, a later step).
+The runner validates and decodes what devices send into model inputs; the scheduler
+(edge_server/scheduler.py) runs them, batched, on the process's one compute thread.
 At start-up the runner measures (or reads from its cache) the per-layer cost profile it
 serves in Describe, and it tracks its recent queue wait as the load the device plans with.
 """
@@ -24,6 +24,7 @@ from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice
 from coinfer.model.sampling import Sampler, SamplingParams
 from coinfer.model.weights import read_fingerprint
+from coinfer.prefix import PrefixChain
 
 
 @dataclass
@@ -40,20 +41,37 @@ class Timings:
 
 @dataclass
 class TailSession:
-    """One session's state on the edge: its slice view, KV cache, sampler and counters."""
+    """One session's state on the edge: its slice view, KV cache, sampler, prefix chain and counters."""
 
     split: int
     codec: str
     model: ModelSlice
     cache: KVCache
     sampler: Sampler
-    prompt_tokens: int = 0
+    session_id: str = ""
+    max_new: int = 1
+    prompt_tokens: int = 0  # positions the prompt fills (cached prefix included)
+    cached_tokens: int = 0  # of which reused from a kept cache
     generated: int = 0
     total: Timings = field(default_factory=Timings)
+    chain: PrefixChain | None = None  # names the positions of the cache, for keeping it afterwards
+    chain_blocks: list[bytes] = field(default_factory=list)  # names of the claimed prefix's blocks
+    opened_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    pins: int = 0  # work items queued or running: not evictable
+    evicted: str = ""  # why the cache was evicted ("" = not evicted)
+    decoding: bool = False
 
     @property
     def position(self) -> int:
         return self.cache.length
+
+    def expected_remaining(self) -> float:
+        """Seconds this session will probably still run, from its pace so far."""
+        if not self.generated:
+            return 1.0
+        pace = (time.monotonic() - self.opened_at) / self.generated
+        return max(0, self.max_new - self.generated) * pace
 
 
 class LoadTracker:
@@ -86,7 +104,7 @@ class LoadTracker:
 class TailRunner:
     def __init__(self, model_dir: str | Path, min_split: int = 0, max_frame_bytes: int = 64 << 20,
                  weights: str = "fp32", profile_dir: str | None = profile.DEFAULT_PROFILE_DIR,
-                 measure_profile: bool = True) -> None:
+                 measure_profile: bool = True, kv_chunk: int = 64) -> None:
         self.model_dir = Path(model_dir)
         self.cfg = ModelConfig.from_dir(model_dir)
         if not 0 <= min_split <= self.cfg.num_layers:
@@ -94,20 +112,25 @@ class TailRunner:
         self.fingerprint = read_fingerprint(model_dir)
         self.min_split = min_split
         self.max_frame_bytes = max_frame_bytes
+        self.kv_chunk = kv_chunk  # positions a session's cache grows by
         self.model = compute.run(load_slice, model_dir, min_split, self.cfg.num_layers, embed=min_split == 0,
                                  head=True, precision=weights)
         self.load = LoadTracker()
         self.profile = compute.run(profile.load_or_measure, self.model, self.fingerprint, profile_dir) \
             if measure_profile else None
 
-    def new_session(self, split: int, codec_name: str, sampling: SamplingParams) -> TailSession:
-        """Caller has validated split and codec."""
+    def new_session(self, split: int, codec_name: str, sampling: SamplingParams, session_id: str = "",
+                    max_new: int = 1) -> TailSession:
+        """Caller has validated split and codec. The cache allocates nothing until the store reserves it."""
         view = self.model.narrow(split, self.cfg.num_layers)
-        return TailSession(split, codec_name, view, view.new_cache(), Sampler(sampling))
+        return TailSession(split, codec_name, view, view.new_cache(chunk=self.kv_chunk), Sampler(sampling),
+                           session_id=session_id, max_new=max_new)
 
-    def prefill(self, s: TailSession, frame: bytes | None, token_ids: list[int]) -> tuple[int, float, Timings]:
-        """Run the prompt; return the first generated token. Raises codec.CodecError, ValueError."""
-        t = Timings()
+    def prefill_input(self, s: TailSession, frame: bytes | None, token_ids: list[int], t: Timings) -> torch.Tensor:
+        """The prompt (after any cached prefix) as model input: ids [1, T] or hidden [1, T, d].
+
+        Raises codec.CodecError, ValueError.
+        """
         if s.split == 0:
             if not token_ids:
                 raise ValueError("prefill at split 0 needs token_ids")
@@ -116,18 +139,17 @@ class TailRunner:
             x = torch.tensor([token_ids])
         else:
             x = self._decode(frame, t)
-        s.prompt_tokens = x.shape[1]
-        if s.prompt_tokens == 0:
+        if x.shape[1] == 0:
             raise ValueError("prefill is empty")
-        return (*self._forward(s, x, t), t)
+        return x
 
-    def step(self, s: TailSession, frame: bytes | None, token_id: int | None) -> tuple[int, float, Timings]:
-        """One decode step: the hidden state (k > 0) or id (k = 0) of the last token -> the next token."""
+    def step_input(self, s: TailSession, frame: bytes | None, token_id: int) -> tuple[torch.Tensor, Timings]:
+        """One decode step's input: the hidden state [1, d] (k > 0) or the id [1] (k = 0) of the last token."""
         t = Timings()
-        x = torch.tensor([[token_id]]) if s.split == 0 else self._decode(frame, t)
-        if x.shape[1] != 1:
-            raise ValueError(f"a step carries exactly 1 token, got {x.shape[1]}")
-        return (*self._forward(s, x, t), t)
+        x = torch.tensor([token_id]) if s.split == 0 else self._decode(frame, t)[0]
+        if x.shape[0] != 1:
+            raise ValueError(f"a step carries exactly 1 token, got {x.shape[0]}")
+        return x, t
 
     def _decode(self, frame: bytes | None, t: Timings) -> torch.Tensor:
         if not frame:
@@ -138,14 +160,3 @@ class TailRunner:
         if hidden.dim() != 2:
             raise codec.CodecError(f"expected hidden states [T, d], got shape {tuple(hidden.shape)}")
         return hidden[None]  # [1, T, d]
-
-    def _forward(self, s: TailSession, x: torch.Tensor, t: Timings) -> tuple[int, float]:
-        def forward_and_sample() -> tuple[int, float]:
-            with torch.inference_mode():
-                return s.sampler(s.model(x, s.cache, last_only=True)[0, -1])  # logits [V] -> token
-
-        (token, logprob), t.queue, t.compute = compute.run_timed(forward_and_sample)
-        self.load.record(t.queue, t.compute)
-        s.generated += 1
-        s.total.add(t)
-        return token, logprob

@@ -40,6 +40,15 @@ class KVCache:
         per_pos = 2 * self.num_layers * self.batch * self.num_kv_heads * self.head_dim
         return per_pos * self.length * self.dtype.itemsize
 
+    def nbytes_at(self, length: int) -> int:
+        """Bytes allocated once `length` positions are reserved (whole chunks; never shrinks)."""
+        capacity = max(self.capacity, -(-length // self.chunk) * self.chunk)
+        return 2 * self.num_layers * self.batch * self.num_kv_heads * self.head_dim * capacity * self.dtype.itemsize
+
+    def clear(self) -> None:
+        """Free all storage (an evicted session's cache)."""
+        self.k, self.v, self.capacity, self.length = [], [], 0, 0
+
     def reserve(self, new_length: int) -> None:
         """Make room for `new_length` positions, growing by whole chunks."""
         if new_length <= self.capacity:

@@ -65,19 +65,34 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
         self.wo = Linear(q, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask: torch.Tensor | None):
+    def qkv(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> q [B, H, T, D], k and v [B, KV, T, D], q and k rotated."""
         B, T, _ = x.shape
         H, KV = self.n_head, self.n_kv
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)  # [B, H+2KV, T, D]
         qk = apply_rope(qkv[:, : H + KV], cos, sin)  # q and k rotated in one go
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]  # [B, H|KV|KV, T, D]
+        return qk[:, :H], qk[:, H:], qkv[:, H + KV :]
+
+    def decode_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query token against its cache: q [B, H, 1, D], k/v [B, KV, P, D] -> [B, 1, H*D].
+
+        Each KV head's query group is folded into one "sequence": no GQA expansion of k and v.
+        (SDPA timed faster here than matmul + softmax + matmul: 48 vs 52 ms for a 16-session
+        batch at k = 15, /tmp A/B in one process; both collapse alike when the cores are shared.)
+        """
+        B, KV = q.shape[0], self.n_kv
+        y = F.scaled_dot_product_attention(q.reshape(B, KV, self.n_head // KV, self.head_dim), k, v)
+        return y.reshape(B, 1, -1)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)  # [B, H|KV|KV, T, D]
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)  # [B, KV, P+T, D]
-        if T == 1:  # decode: fold each KV head's query group into one "sequence"; no GQA expansion
-            y = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, self.head_dim), k, v)
-            return self.wo(y.reshape(B, 1, -1))  # [B, KV, H/KV, D] -> [B, 1, H*D]
+        if T == 1:
+            return self.wo(self.decode_one(q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and past == 0, enable_gqa=True
         )  # [B, H, T, D]
@@ -108,6 +123,21 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache, layer, mask):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward_rows(self, x, cos, sin, caches: list[KVCache], layers: list[int]):
+        """One decode token for each of B sessions: x [B, 1, d], cos/sin [B, 1, 1, D].
+
+        Row b reads and writes caches[b] at its layer index layers[b]. The matmuls run once
+        for the whole batch (weights are read once: the point of batching on a memory-bound
+        CPU); attention runs per row, since every session has its own length (ragged).
+        """
+        q, k, v = self.attn.qkv(self.attn_norm(x), cos, sin)  # [B, H|KV|KV, 1, D]
+        ys = []
+        for qb, kb, vb, cache, layer in zip(q.split(1), k.split(1), v.split(1), caches, layers):
+            kb, vb = cache.update(layer, kb, vb)  # [1, KV, P_b+1, D]
+            ys.append(self.attn.decode_one(qb, kb, vb))
+        x = x + self.attn.wo(torch.cat(ys))  # [B, 1, H*D] -> [B, 1, d]
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -194,3 +224,48 @@ class ModelSlice(nn.Module):
         if last_only:
             x = x[:, -1:]  # prefill needs only the next token's logits
         return self.lm_head(self.norm(x))  # [B, T, V]
+
+    def decode_batch(self, inputs: list[torch.Tensor], starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One decode step of B sessions through one forward; returns logits [B, V] in input order.
+
+        Session b entered this slice's layers at absolute layer starts[b] (its split) with
+        inputs[b]: a token id [1] when it starts at this slice's start and it has the embedding,
+        else a hidden state [1, d]. caches[b] holds layers [starts[b], stop) (it came from
+        narrow(starts[b], stop).new_cache()). Rows join the batch at their own layer, so
+        sessions at different splits share every layer they have in common.
+        """
+        if self.lm_head is None:
+            raise ValueError("decode_batch needs the slice that ends with norm + lm_head")
+        order = sorted(range(len(inputs)), key=lambda b: starts[b])
+        rows = [self._row_input(inputs[b], starts[b]) for b in order]  # [1, d] each
+        caches_o, starts_o = [caches[b] for b in order], [starts[b] for b in order]
+        positions = torch.tensor([c.length for c in caches_o])  # [B]
+        for c in caches_o:
+            c.reserve(c.length + 1)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # [B, D]
+        cos, sin = cos[:, None, None], sin[:, None, None]  # [B, 1, 1, D]: one position per row
+        x, n = None, 0
+        for i, block in enumerate(self.layers):
+            layer = self.start + i
+            while n < len(rows) and starts_o[n] == layer:  # sessions split here join the batch
+                n += 1
+                x = torch.stack(rows[:n]) if x is None else torch.cat([x, rows[n - 1][None]])  # [n, 1, d]
+            if x is None:
+                continue  # no session starts this early
+            x = block.forward_rows(x, cos[:n], sin[:n], caches_o[:n], [layer - s for s in starts_o[:n]])
+        if x is None or n < len(rows):  # sessions split after the last layer (head only)
+            x = torch.stack(rows) if x is None else torch.cat([x, torch.stack(rows[n:])])
+        for c in caches_o:
+            c.advance(1)
+        logits = self.lm_head(self.norm(x))[:, 0]  # [B, V]
+        return logits[torch.tensor(order).argsort()]
+
+    def _row_input(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """A session's decode input as a hidden state [1, d] at its entry layer."""
+        if start < self.start or start > self.stop:
+            raise ValueError(f"a session split at {start} cannot run in slice [{self.start}, {self.stop})")
+        if x.dtype in (torch.int32, torch.int64):
+            if start != self.start or self.embed_tokens is None:
+                raise ValueError("token ids can only enter at the embedding")
+            x = self.embed_tokens(x.view(1))  # [1] -> [1, d]
+        return x.reshape(1, self.cfg.hidden_size).to(self.dtype)

@@ -40,14 +40,26 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> tuple[int, float]:
         """logits [V] -> (token id, its log-probability under the model's unmodified distribution)."""
-        logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        if self.params.greedy:
-            token = int(torch.argmax(logits))
-        else:
-            probs = torch.softmax(filter_logits(logits / self.params.temperature, self.params), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        return token, float(logprobs[token])
+        return sample_rows([self], logits[None])[0]
+
+    def draw(self, logits: torch.Tensor) -> int:
+        """A token from logits [V] (float32) under temperature, top-k and top-p."""
+        probs = torch.softmax(filter_logits(logits / self.params.temperature, self.params), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple[int, float]]:
+    """One token per row of logits [B, V], row b drawn by samplers[b]: [(token id, logprob)].
+
+    Softmax and argmax run once for the whole batch (the edge samples every session of a
+    batched decode step at once); only rows that are not greedy draw on their own.
+    """
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    greedy = torch.argmax(logits, dim=-1).tolist()  # [B]
+    tokens = [g if s.params.greedy else s.draw(logits[b]) for b, (s, g) in enumerate(zip(samplers, greedy))]
+    picked = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    return list(zip(tokens, picked))
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

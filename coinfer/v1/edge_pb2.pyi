@@ -37,16 +37,20 @@ class Limits(_message.Message):
     def __init__(self, max_sessions: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("active_sessions", "kv_cache_bytes", "queue_seconds", "busy_fraction")
+    __slots__ = ("active_sessions", "kv_cache_bytes", "queue_seconds", "busy_fraction", "kv_budget_bytes", "kept_caches")
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEPT_CACHES_FIELD_NUMBER: _ClassVar[int]
     active_sessions: int
     kv_cache_bytes: int
     queue_seconds: float
     busy_fraction: float
-    def __init__(self, active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., busy_fraction: _Optional[float] = ...) -> None: ...
+    kv_budget_bytes: int
+    kept_caches: int
+    def __init__(self, active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., kv_budget_bytes: _Optional[int] = ..., kept_caches: _Optional[int] = ...) -> None: ...
 
 class CostLine(_message.Message):
     __slots__ = ("fixed", "per_token")
@@ -137,7 +141,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("session_id", "fingerprint", "split", "codec", "sampling", "max_new_tokens", "stop_ids")
+    __slots__ = ("session_id", "fingerprint", "split", "codec", "sampling", "max_new_tokens", "stop_ids", "prefix_hashes", "prefix_lengths")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +149,8 @@ class Open(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fingerprint: str
     split: int
@@ -152,15 +158,21 @@ class Open(_message.Message):
     sampling: Sampling
     max_new_tokens: int
     stop_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefix_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    prefix_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., prefix_hashes: _Optional[_Iterable[bytes]] = ..., prefix_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Prefill(_message.Message):
-    __slots__ = ("frame", "token_ids")
+    __slots__ = ("frame", "token_ids", "block_hashes", "chain_state")
     FRAME_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_STATE_FIELD_NUMBER: _ClassVar[int]
     frame: bytes
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, frame: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    chain_state: bytes
+    def __init__(self, frame: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., chain_state: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("frame",)

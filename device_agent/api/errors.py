@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 from fastapi.responses import JSONResponse
 
@@ -30,7 +32,9 @@ def from_edge(e: EdgeError) -> APIError:
     if e.code == c.INVALID_ARGUMENT:
         return APIError(400, f"edge rejected the request: {e.details}", code="edge_invalid_argument")
     if e.code == c.RESOURCE_EXHAUSTED:
-        return APIError(503, f"edge is busy: {e.details}", "server_error", "edge_busy", headers={"Retry-After": "1"})
+        retry = max(1, math.ceil(e.retry_after)) if e.retry_after is not None else 1
+        return APIError(503, f"edge is busy: {e.details}", "server_error", "edge_busy",
+                        headers={"Retry-After": str(retry)})
     if e.code in (c.UNAVAILABLE, c.DEADLINE_EXCEEDED, c.ABORTED, c.NOT_FOUND):
         return APIError(503, f"edge unavailable: {e.details}", "server_error", "edge_unavailable",
                         headers={"Retry-After": "2"})

@@ -26,7 +26,8 @@ def sse(obj: BaseModel | dict | str) -> str:
 
 def _usage(r: Result) -> p.Usage:
     return p.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                   total_tokens=r.prompt_tokens + r.completion_tokens)
+                   total_tokens=r.prompt_tokens + r.completion_tokens,
+                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=r.stats.cached_tokens))
 
 
 class ServingLogic:

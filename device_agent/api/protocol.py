@@ -86,10 +86,15 @@ class CompletionRequest(_Request):
         return v
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt positions the edge still held from an earlier turn
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ResponseMessage(BaseModel):

@@ -38,9 +38,15 @@ def shaped(real_model_dir):
     assert codes == (0, 0)
 
 
+_requests = iter(range(1_000_000))
+
+
 def chat(api, **extra) -> dict:
+    # a new question each time: the same one again would find its prefix on the edge (prefix
+    # reuse) and send almost nothing, and the estimator learns bandwidth from large transfers
     model = api.get("/v1/models").json()["data"][0]["id"]
-    r = api.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, "max_tokens": 12,
+    messages = [{"role": "user", "content": f"Question {next(_requests)}. {MESSAGES[0]['content']}"}]
+    r = api.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 12,
                                                "temperature": 0, **extra})
     assert r.status_code == 200, r.text
     return r.json()
