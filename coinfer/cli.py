@@ -1,4 +1,4 @@
-"""`coinfer` command line: prepare a model dir, and run a split model locally."""
+"""`coinfer` command line: prepare (and calibrate) a model dir, and run a split model locally."""
 
 from __future__ import annotations
 
@@ -19,6 +19,21 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         print(f"coinfer prepare: {e}", file=sys.stderr)
         return 2
     print(f"prepared {out} (fingerprint {read_fingerprint(out)})")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from coinfer.codec_accuracy import FILE, calibrate
+
+    try:
+        table, seconds = calibrate(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"coinfer calibrate: {e}", file=sys.stderr)
+        return 2
+    worst = {c: min(e.agreement for e in row.values()) for c, row in table.table.items()}
+    print(f"calibrated {len(table.table)} codecs x {len(next(iter(table.table.values())))} cuts on "
+          f"{table.positions} positions in {seconds:.0f} s -> {args.model}/{FILE}; lowest agreement per codec: "
+          + ", ".join(f"{c} {a:.1%}" for c, a in worst.items()))
     return 0
 
 
@@ -73,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_cmd_prepare)
+
+    c = sub.add_parser("calibrate", help="measure every lossy codec at every cut (bytes, greedy agreement, KL) on "
+                                         "a built-in text; the planner's accuracy budget reads the table (~2 min)")
+    c.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"prepared model dir (default: {DEFAULT_MODEL_DIR})")
+    c.set_defaults(func=_cmd_calibrate)
 
     g = sub.add_parser("generate", help="generate locally through head -> codec -> tail (no network)")
     g.add_argument("prompt", help="the user message (or raw text with --raw)")

@@ -3,7 +3,13 @@
 A frame is `u32 header length | msgpack header | zstd body`. The header holds
 `{v, codec, shape, dtype, scales, body_len, extras}`; the body is the quantized
 tensor, zstd-compressed. Codecs: `f32` (bit-exact), `f16`, `int8` (symmetric, per
-group of 64) and `int4` (symmetric, per group of 32, two values a byte).
+group of 64) and `int4` (symmetric, per group of 32, two values a byte), and the
+`uq*` family: a uniform step per token, `step` x the token's robust RMS (root of the
+median square, so the few massive-activation channels do not set it), every value
+rounded to a whole number of steps, one byte each with the rare values past +-127
+(those channels) sent apart exactly, and zstd's entropy coder packing the bytes to
+about their entropy. Per-group absmax scaling spends its range on the outliers of a
+group; a step set by the typical value does not (benchmarks/codec_frontier.py).
 
 Frames come from the network, so `decode` trusts nothing: every inconsistency
 raises `CodecError` before any allocation larger than the caller's cap.
@@ -40,6 +46,7 @@ class Codec:
     bits: int  # bits per value in the body
     group: int = 0  # values per scale; 0 = not quantized
     lossless: bool = False
+    step: float = 0.0  # uq codecs: quantization step as a fraction of each token's robust RMS
 
     @property
     def qmax(self) -> int:
@@ -57,7 +64,11 @@ CODECS: dict[str, Codec] = {
     "f16": Codec("f16", 16),
     "int8": Codec("int8", 8, group=64),
     "int4": Codec("int4", 4, group=32),
+    "uq10": Codec("uq10", 8, step=0.10),
+    "uq20": Codec("uq20", 8, step=0.20),
+    "uq40": Codec("uq40", 8, step=0.40),
 }
+ESCAPE = -128  # uq body byte of a value sent apart (|q| > 127)
 SCALE_DTYPES = {"f16": np.float16, "f32": np.float32}
 
 
@@ -88,6 +99,24 @@ def _quantize(x: np.ndarray, codec: Codec) -> tuple[bytes, bytes, str]:
     return body, stored.tobytes(), scale_dtype
 
 
+def _uq_encode(a: np.ndarray, width: int, codec: Codec) -> tuple[bytes, bytes, dict]:
+    """a flat f32, rows of `width` -> (raw body, f16 robust RMS per row, extras)."""
+    rows = a.reshape(-1, width)
+    rms = np.maximum(np.sqrt(np.median(rows * rows, axis=1)), F16_TINY)
+    if rms.max() > F16_MAX:
+        raise CodecError(f"typical values above {F16_MAX} do not fit the {codec.name} scale; use f32")
+    stored = rms.astype(np.float16)
+    step = stored.astype(np.float32)[:, None] * np.float32(codec.step)
+    q = np.rint(rows / step).reshape(-1)
+    far = np.flatnonzero(np.abs(q) > 127)
+    if far.size and np.abs(q[far]).max() >= 2**31:
+        raise CodecError(f"values too far above their token's RMS for {codec.name}; use f32")
+    body = np.clip(q, -127, 127).astype(np.int8)
+    body[far] = ESCAPE
+    raw = body.tobytes() + far.astype(np.uint32).tobytes() + q[far].astype(np.int32).tobytes()
+    return raw, stored.tobytes(), {"step": codec.step, "escapes": int(far.size)}
+
+
 def encode(x: torch.Tensor, codec: str = "f32", level: int = ZSTD_LEVEL) -> bytes:
     """Tensor (e.g. hidden states [T, d]) -> frame bytes."""
     c = get_codec(codec)
@@ -105,6 +134,8 @@ def encode(x: torch.Tensor, codec: str = "f32", level: int = ZSTD_LEVEL) -> byte
         if np.abs(a).max() > F16_MAX:
             raise CodecError(f"values above {F16_MAX} do not fit f16; use f32 or int8")
         raw = a.astype(np.float16).tobytes()
+    elif c.step:
+        raw, scales, extras = _uq_encode(a, x.shape[-1], c)
     else:
         raw, scales, extras["scale_dtype"] = _quantize(a, c)
         extras["group"] = c.group
@@ -165,10 +196,22 @@ def _check_shape(shape, hidden_size: int | None, max_decoded_bytes: int) -> tupl
     return tuple(shape)
 
 
-def _check_scales(header: dict, c: Codec, numel: int) -> np.ndarray | None:
+def _check_scales(header: dict, c: Codec, numel: int, width: int) -> np.ndarray | None:
     scales, extras = header.get("scales"), header.get("extras") or {}
     if not isinstance(extras, dict):
         raise CodecError("extras must be a map")
+    if c.step:
+        if extras.get("step") != c.step:
+            raise CodecError(f"codec {c.name} needs step {c.step}, header says {extras.get('step')!r}")
+        escapes = extras.get("escapes")
+        if not _is_int(escapes) or not 0 <= escapes <= numel:
+            raise CodecError(f"escapes must be an integer in 0..{numel}, got {escapes!r}")
+        if not isinstance(scales, bytes) or len(scales) != numel // width * 2:
+            raise CodecError(f"scales must be {numel // width} f16 values, one per row")
+        s = np.frombuffer(scales, dtype=np.float16).astype(np.float32)
+        if not np.isfinite(s).all() or (s < 0).any():
+            raise CodecError("scales must be finite and non-negative")
+        return s
     if not c.group:
         if scales:
             raise CodecError(f"codec {c.name} carries no scales")
@@ -210,6 +253,24 @@ def _decompress(body: memoryview, header: dict, expected: int) -> bytes:
     return raw
 
 
+def _uq_body_bytes(header: dict, numel: int) -> int:
+    return numel + 8 * header["extras"]["escapes"]  # int8 per value + (u32 index, i32 value) per escape
+
+
+def _uq_dequantize(raw: bytes, c: Codec, rms: np.ndarray, numel: int, width: int) -> np.ndarray:
+    n = (len(raw) - numel) // 8
+    q = np.frombuffer(raw, dtype=np.int8, count=numel).astype(np.float32)
+    idx = np.frombuffer(raw, dtype=np.uint32, count=n, offset=numel).astype(np.int64)
+    vals = np.frombuffer(raw, dtype=np.int32, count=n, offset=numel + 4 * n)
+    if n and ((idx >= numel).any() or (np.diff(idx) <= 0).any()):
+        raise CodecError("escape indices must be increasing and inside the tensor")
+    if int((q == ESCAPE).sum()) != n or (n and ((q[idx] != ESCAPE).any() or (np.abs(vals) <= 127).any())):
+        raise CodecError("escape markers and escaped values do not match")
+    q[idx] = vals
+    step = rms * np.float32(c.step)
+    return (q.reshape(-1, width) * step[:, None]).reshape(-1)
+
+
 def _dequantize(raw: bytes, c: Codec, scales: np.ndarray | None, numel: int) -> np.ndarray:
     if c.name == "f32":
         return np.frombuffer(raw, dtype=np.float32).copy()
@@ -237,9 +298,13 @@ def decode(
         raise CodecError(f"unsupported dtype {header.get('dtype')!r} (only f32)")
     shape = _check_shape(header.get("shape"), hidden_size, max_decoded_bytes)
     numel = int(np.prod(shape))
-    scales = _check_scales(header, c, numel)
-    raw = _decompress(body, header, c.body_bytes(numel))
-    x = _dequantize(raw, c, scales, numel)
+    scales = _check_scales(header, c, numel, shape[-1])
+    if c.step:
+        raw = _decompress(body, header, _uq_body_bytes(header, numel))
+        x = _uq_dequantize(raw, c, scales, numel, shape[-1])
+    else:
+        raw = _decompress(body, header, c.body_bytes(numel))
+        x = _dequantize(raw, c, scales, numel)
     if not np.isfinite(x).all():
         raise CodecError("decoded tensor holds NaN or Inf values")
     return torch.from_numpy(x).reshape(shape)

@@ -19,6 +19,9 @@ class AgentSettings(BaseSettings):
     split: str = Field("auto", description="default split: 0..N layers on the device, or 'auto' (planned per request)")
     codec: str = Field("f16", description="tensor codec of a request with an explicit split: f32 (exact), f16, int8, int4")
     plan_codecs: str = Field("f16", description="codecs split 'auto' may choose from, comma-separated")
+    min_agreement: float = Field(0.0, ge=0.0, le=1.0, description="accuracy budget of split 'auto': a lossy codec "
+                                 "only at cuts where its calibrated greedy-token agreement (coinfer calibrate) is "
+                                 "at least this; 0 = no budget")
     min_device_layers: int = Field(0, ge=0, description="privacy floor: split 'auto' keeps at least this many layers here")
     objective: str = Field("latency", pattern="^(latency|energy|weighted)$",
                            description="what split 'auto' minimizes: latency, energy (device joules) or weighted")

@@ -38,6 +38,7 @@ class GenerationRequest:
     split: int | str | None = None  # None -> the agent's default
     codec: str | None = None
     ignore_eos: bool = False
+    min_agreement: float | None = None  # split "auto": accuracy budget (None -> the agent's setting)
 
 
 @dataclass
@@ -119,10 +120,11 @@ class Engine:
                                           self.metrics, head.fingerprint)
         self.remote = EdgeRunner(settings, head, edge, self.planner, self.metrics) if edge is not None else None
 
-    def plan(self, prompt_tokens: int, max_tokens: int, codec: str | None = None) -> tuple[int, str, str, Plan | None]:
+    def plan(self, prompt_tokens: int, max_tokens: int, codec: str | None = None,
+             min_agreement: float | None = None) -> tuple[int, str, str, Plan | None]:
         """Split "auto": (split, codec, reason, plan) from the partitioner over fresh estimates."""
         try:
-            p = self.planner.plan(prompt_tokens, max_tokens, codec)
+            p = self.planner.plan(prompt_tokens, max_tokens, codec, min_agreement)
             return p.split, codec or (p.codec if p.codec not in ("none", "token_ids") else self.settings.codec), \
                 p.reason, p
         except PlanError as e:
@@ -132,14 +134,14 @@ class Engine:
         return k, codec or self.settings.codec, f"auto: edge not reachable for planning; trying split {k}", None
 
     def resolve(self, split: int | str | None, codec: str | None, prompt_tokens: int = 1,
-                max_tokens: int = 1) -> tuple[int, str, str, Plan | None]:
+                max_tokens: int = 1, min_agreement: float | None = None) -> tuple[int, str, str, Plan | None]:
         """(split, codec, reason, plan) for a request; RequestError when it cannot be served."""
         if codec is not None and codec not in codecs.CODECS:
             raise RequestError(f"unknown codec {codec!r}; choose one of {', '.join(codecs.CODECS)}")
         split = self.settings.split if split is None else split
         n, plan = self.num_layers, None
         if split == "auto":
-            k, codec, reason, plan = self.plan(prompt_tokens, max_tokens, codec)
+            k, codec, reason, plan = self.plan(prompt_tokens, max_tokens, codec, min_agreement)
         else:
             try:
                 k = int(split)
@@ -164,7 +166,8 @@ class Engine:
     def stream(self, req: GenerationRequest) -> Iterator[Delta | Result]:
         """Yields Delta per token as it arrives, then one Result. Raises RequestError, EdgeError."""
         self.check_length(len(req.prompt_ids), req.max_tokens)
-        k, codec, reason, plan = self.resolve(req.split, req.codec, len(req.prompt_ids), req.max_tokens)
+        k, codec, reason, plan = self.resolve(req.split, req.codec, len(req.prompt_ids), req.max_tokens,
+                                              req.min_agreement)
         stats = RunStats(k, codec if 0 < k < self.num_layers else ("token_ids" if k == 0 else "none"), reason,
                          self.head.model.precision, plan=plan)
         text = TextAssembler(self.tokenizer, req.stop)

@@ -19,6 +19,7 @@ per byte), or latency + weight x energy. Nothing here touches a socket or a cloc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from coinfer.profile import CostProfile
@@ -53,6 +54,15 @@ class Constraints:
     min_device_layers: int = 0  # privacy floor: raw tokens and the first layers stay on the device
     max_device_layers: int | None = None  # memory cap (None: what the device profile holds)
     codecs: tuple[str, ...] = ("f16",)  # codecs the plan may use for hidden states
+    min_agreement: float = 0.0  # accuracy budget: a lossy (cut, codec) needs this greedy agreement
+    agreement: Mapping[str, Mapping[int, float]] | None = None  # calibrated: codec -> cut -> agreement
+
+    def accurate_enough(self, codec: str, k: int) -> bool:
+        """f32 always; a lossy codec only where the calibrated table puts it at or above the budget."""
+        if codec == "f32" or self.min_agreement <= 0:
+            return True
+        measured = (self.agreement or {}).get(codec, {}).get(k)
+        return measured is not None and measured >= self.min_agreement
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,8 @@ def candidates(device: CostProfile, edge: EdgeView | None, link: LinkEstimate, p
     out = []
     for k in feasible_splits(device, edge, constraints):
         for c in (constraints.codecs if 0 < k < n else ("-",)):
-            out.append(cost(device, edge, link, k, c, prompt_tokens, new_tokens, objective))
+            if c == "-" or constraints.accurate_enough(c, k):
+                out.append(cost(device, edge, link, k, c, prompt_tokens, new_tokens, objective))
     return sorted(out, key=lambda c: (c.score, -c.split))
 
 
@@ -211,8 +222,10 @@ def _infeasible(device: CostProfile, edge: EdgeView | None, constraints: Constra
     if edge is None:
         return (f"no edge is available and the device holds layers [0, {device.stop}) without the whole "
                 f"model, so no split is possible")
+    budget = f", min_agreement={constraints.min_agreement} for codecs {', '.join(constraints.codecs)}" \
+        if constraints.min_agreement > 0 else ""
     return (f"no split satisfies min_device_layers={constraints.min_device_layers}, "
-            f"max_device_layers={constraints.max_device_layers}, device layers [0, {device.stop}), "
+            f"max_device_layers={constraints.max_device_layers}{budget}, device layers [0, {device.stop}), "
             f"edge layers [{edge.profile.start}, {edge.profile.stop})")
 
 

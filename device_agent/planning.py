@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from coinfer import profile as profiles
+from coinfer import codec_accuracy, profile as profiles
 from coinfer.profile import CostProfile
 from device_agent import partitioner as part
 from device_agent.config import AgentSettings
@@ -37,6 +37,10 @@ class Planner:
     def __init__(self, settings: AgentSettings, device: CostProfile, edge: EdgeClient | None,
                  metrics: AgentMetrics | None = None, fingerprint: str = "") -> None:
         self.settings, self.device, self.edge, self.fingerprint = settings, device, edge, fingerprint
+        # accuracy of each lossy codec at each cut, calibrated into the model dir (coinfer calibrate)
+        table = codec_accuracy.load(settings.model_dir, fingerprint or None)
+        self.agreement = {c: {k: e.agreement for k, e in row.items()} for c, row in table.table.items()} \
+            if table else None
         self.metrics = metrics or AgentMetrics()
         self.link = LinkEstimator()
         self.edge_profile: CostProfile | None = None
@@ -142,22 +146,24 @@ class Planner:
                 return None
             return part.EdgeView(self.edge_profile, self.load.queue_seconds)
 
-    def constraints(self, codec: str | None = None) -> part.Constraints:
+    def constraints(self, codec: str | None = None, min_agreement: float | None = None) -> part.Constraints:
         s = self.settings
         codecs = (codec,) if codec else tuple(s.plan_codecs.split(","))
+        budget = s.min_agreement if min_agreement is None else min_agreement
         return part.Constraints(min_device_layers=s.min_device_layers, max_device_layers=self.device.stop,
-                                codecs=codecs)
+                                codecs=codecs, min_agreement=budget, agreement=self.agreement)
 
     def objective(self) -> part.Objective:
         s = self.settings
         return part.Objective(s.objective, s.energy_weight, s.compute_watts, s.idle_watts, s.tx_joules_per_byte,
                               s.rx_joules_per_byte)
 
-    def plan(self, prompt_tokens: int, new_tokens: int, codec: str | None = None) -> part.Plan:
+    def plan(self, prompt_tokens: int, new_tokens: int, codec: str | None = None,
+             min_agreement: float | None = None) -> part.Plan:
         """The plan for one request from the freshest estimates. Raises partitioner.PlanError."""
         edge = self.edge_view()
         p = part.plan(self.device, edge, self.link.estimate(), prompt_tokens, new_tokens,
-                      self.constraints(codec), self.objective())
+                      self.constraints(codec, min_agreement), self.objective())
         self.metrics.plan_predicted.set(p.best.total)
         return p
 

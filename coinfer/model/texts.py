@@ -1,8 +1,10 @@
-"""Built-in held-out text for accuracy checks of lossy settings (weight precision, codecs).
+"""Built-in texts for accuracy checks of lossy settings (weight precision, codecs).
 
-Plain English prose (stories, dialogue, a recipe, science and news-like paragraphs; ~1,050
-SmolLM2 tokens) written for this project, not taken from any dataset, so that it is not
-in any calibration data and stays the same for every run.
+Plain English prose (stories, dialogue, a recipe, science and news-like paragraphs) written
+for this project, not taken from any dataset, so they stay the same for every run.
+HELDOUT_PROSE (~1,050 SmolLM2 tokens) is what benchmarks and tests judge on; CALIBRATION_PROSE
+(~550 tokens, other topics) is what `coinfer calibrate` measures the codec table on, so a
+benchmark never scores a codec on the text its table came from.
 """
 
 HELDOUT_PROSE = """\
@@ -27,4 +29,17 @@ Scientists who study sleep have found that the brain is far from idle at night. 
 The committee met on Thursday to discuss the new bicycle lanes. Supporters argued that safer routes would encourage more people to cycle to school and to work, reducing traffic and noise in the town centre. Several shop owners worried that removing parking spaces would keep customers away. After two hours of debate, the members agreed on a trial: the lanes would be painted on two streets for six months, and the council would count cyclists, cars and shoppers before and after the change. A final decision was postponed until the results are known.
 
 Years later, the notebook sits on a shelf above the counter, next to a photograph of her uncle standing in front of the old oven. New recipes have been added in Mara's handwriting, in blue ink, and one page at the back lists the names of every person who has worked in the shop. Customers sometimes ask to look at it. She always lets them, as long as they promise not to get flour on the pages.
+"""
+
+
+CALIBRATION_PROSE = """\
+The harbour master kept a logbook for forty years. Every morning he wrote down the wind, the height of the tide and the names of the boats that left before sunrise. When the storms came in autumn, the entries grew short and hurried, and sometimes a page held nothing but a date and the word "closed". His granddaughter found the books in a wooden chest after he died, and she spent a winter reading them by the stove. She learned that the herring had vanished one spring and returned nine years later, that a whale had once followed the ferry for an afternoon, and that her grandfather had twice refused to let the lifeboat go out because the sea was worse than anyone believed.
+Modern weather forecasts combine measurements from satellites, balloons, ships and ground stations with computer models of the atmosphere. The models divide the air into a grid of boxes and calculate how heat, moisture and momentum move between them. Because small errors grow over time, forecasters run the same model many times with slightly different starting conditions and look at how much the results disagree. A forecast that all the runs agree on is more trustworthy than one where they scatter.
+"Do you know how to fix a puncture?" asked Tomas, holding up the deflated tyre.
+"Roughly," said Ines. "Take the wheel off, find the hole, patch it, and hope it was the only one."
+"And if it wasn't?"
+"Then we walk, and we stop for ice cream on the way."
+To clean a cast iron pan, let it cool a little, then rinse it with hot water and scrub off any food with a stiff brush. Avoid soaking it, because standing water causes rust. Dry it completely on the stove over low heat, then rub a thin layer of oil over the inside with a paper towel. Stored this way, the pan becomes smoother and more non-stick with every use, and it can last for generations.
+The city council approved a plan on Monday to plant two thousand trees along its busiest roads over the next five years. Officials said the trees would provide shade, reduce noise and help absorb rainwater during heavy storms. Residents will be able to request a tree outside their own homes through a new online form. The first planting is expected to begin in the spring, starting with the streets near the hospital and the central library.
+Learning a second language as an adult is slower than it is for children, but adults have advantages too. They can study grammar deliberately, use dictionaries and apps, and connect new words to things they already know. Regular short practice tends to work better than occasional long sessions, and speaking with real people, even with mistakes, builds confidence faster than reading alone.
 """

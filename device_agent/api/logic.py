@@ -49,7 +49,8 @@ class ServingLogic:
             sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        return GenerationRequest(prompt_ids, max_tokens, sampling, body.stop, body.split, body.codec, body.ignore_eos)
+        return GenerationRequest(prompt_ids, max_tokens, sampling, body.stop, body.split, body.codec, body.ignore_eos,
+                                 body.min_agreement)
 
     def chat_request(self, body: p.ChatCompletionRequest) -> GenerationRequest:
         self._check_model(body.model)

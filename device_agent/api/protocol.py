@@ -31,6 +31,8 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only n = 1 is supported")
     split: int | Literal["auto"] | None = None
     codec: str | None = None
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="accuracy budget of split 'auto': "
+                                        "lossy codecs only where calibrated greedy agreement is at least this")
     ignore_eos: bool = False  # as vLLM: generate max_tokens even past end-of-sequence (benchmarks)
 
     @field_validator("stop")

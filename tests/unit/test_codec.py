@@ -58,6 +58,26 @@ def test_group_quantization_error_bound(name):
     assert (y[:, 64:128] - x[:, 64:128]).abs().max() < 8 / c.qmax
 
 
+@pytest.mark.parametrize("name", ["uq10", "uq20", "uq40"])
+def test_uniform_step_error_bound_and_exact_outliers(name):
+    c, x = CODECS[name], hidden()
+    y = decode(encode(x, name), hidden_size=D)
+    rms = torch.from_numpy(np.sqrt(np.median(x.numpy() ** 2, axis=1, keepdims=True)))  # numpy's median, as encode
+    step = rms * (1 + 2e-3) * c.step  # f16 rounding of the stored RMS
+    assert ((y - x).abs() <= step / 2 + 1e-6).all()
+    # the massive channels go apart, whole steps: their error is no larger than anyone's
+    assert (y[:, [7, 300]] - x[:, [7, 300]]).abs().max() <= step.max() / 2 + 1e-3
+    assert split_frame(encode(x, name))[0]["extras"]["escapes"] == 2 * x.shape[0]
+
+
+def test_uniform_step_trades_bytes_for_error():
+    x = hidden(t=64)
+    sizes = [len(encode(x, n)) for n in ("uq10", "uq20", "uq40")]
+    errors = [(decode(encode(x, n), hidden_size=D) - x).pow(2).mean().item() for n in ("uq10", "uq20", "uq40")]
+    assert sizes[0] > sizes[1] > sizes[2] and errors[0] < errors[1] < errors[2]
+    assert sizes[1] < len(encode(x, "int8"))  # same outliers: cheaper than int8 per group
+
+
 @pytest.mark.parametrize("shape", [(1, D), (3, 1, D), (5, 100), (7,)])
 def test_odd_shapes_round_trip(shape):
     x = torch.randn(shape)
@@ -148,6 +168,36 @@ def bad_frames() -> dict[str, tuple[bytes, str]]:
         "no content size": (rebuild({**f32h, "body_len": len(no_size)}, no_size), "content size"),
         "trailing zstd frame": (rebuild({**f32h, "body_len": len(f32body) * 2}, f32body * 2), "trailing"),
         "nan in f32 body": (_f32_frame(nan), "NaN"),
+        **_bad_uq_frames(),
+    }
+
+
+def _uq_frame(header: dict, raw: bytes) -> bytes:
+    body = zstandard.ZstdCompressor().compress(raw)
+    return rebuild({**header, "body_len": len(body)}, body)
+
+
+def _bad_uq_frames() -> dict[str, tuple[bytes, str]]:
+    frame = good("uq20")  # hidden(t=4): 8 escaped values
+    h, body = split_frame(frame)
+    raw = zstandard.ZstdDecompressor().decompress(body)
+    numel, n = 4 * D, h["extras"]["escapes"]
+    q, idx, vals = bytearray(raw[:numel]), raw[numel : numel + 4 * n], raw[numel + 4 * n :]
+    unmarked = bytearray(q)
+    unmarked[7] = 3
+    backwards = idx[4:8] + idx[:4] + idx[8:]
+    outside = struct.pack("<I", numel + 5) + idx[4:]
+    small = struct.pack("<i", 5) + vals[4:]
+    return {
+        "uq wrong step": (rebuild({**h, "extras": {**h["extras"], "step": 0.5}}, body), "step"),
+        "uq escapes not int": (rebuild({**h, "extras": {**h["extras"], "escapes": "8"}}, body), "escapes"),
+        "uq escapes too many": (rebuild({**h, "extras": {**h["extras"], "escapes": numel + 1}}, body), "escapes"),
+        "uq escapes miscounted": (rebuild({**h, "extras": {**h["extras"], "escapes": n - 1}}, body), "expected"),
+        "uq scales per row": (rebuild({**h, "scales": h["scales"][:-2]}, body), "one per row"),
+        "uq marker missing": (_uq_frame(h, bytes(unmarked) + idx + vals), "do not match"),
+        "uq indices unordered": (_uq_frame(h, bytes(q) + backwards + vals), "increasing"),
+        "uq index outside": (_uq_frame(h, bytes(q) + outside + vals), "inside"),
+        "uq escaped value small": (_uq_frame(h, bytes(q) + idx + small), "do not match"),
     }
 
 

@@ -215,3 +215,31 @@ def test_auto_without_an_edge_runs_on_the_device(tiny_dirs):
         assert "device only" in r.json()["coinfer"]["split_reason"]
         plan = c.get("/v1/plan").json()
         assert plan["edge"] is None and [x["split"] for x in plan["per_split"]] == [N]
+
+
+def test_accuracy_budget_from_the_calibrated_table(tiny_dirs, edge, tmp_path):
+    import shutil
+
+    from coinfer.codec_accuracy import calibrate, load
+
+    d = tmp_path / "tiny"
+    shutil.copytree(tiny_dirs["qwen2"], d)
+    table, _ = calibrate(d, ["f16", "int4"])
+    assert load(d) is not None and set(table.table) == {"f16", "int4"} and len(table.table["int4"]) == N - 1
+    budget = 0.99
+    settings = AgentSettings(model_dir=str(d), edge=address(edge), plan_codecs="f16,int4", min_agreement=budget)
+    with TestClient(build_app(settings)) as c:
+        for params in ({}, {"min_agreement": 0.5}, {"min_agreement": 1.0}):
+            plan = c.get("/v1/plan", params={"prompt_tokens": 32, "max_tokens": 8, **params})
+            assert plan.status_code == 200, plan.text
+            want = params.get("min_agreement", budget)
+            for cand in plan.json()["per_split"]:
+                if 0 < cand["split"] < N:
+                    assert table.agreement(cand["codec"], cand["split"]) >= want, cand
+        # a per-request budget on a completion: accepted, and bad values are a 400
+        name = c.get("/v1/models").json()["data"][0]["id"]
+        r = c.post("/v1/completions", json={"model": name, "prompt": "w1 w2", "max_tokens": 3, "min_agreement": 0.999})
+        assert r.status_code == 200, r.text
+        ext = r.json()["coinfer"]
+        assert 0 == ext["split"] or ext["split"] == N or table.agreement(ext["codec"], ext["split"]) >= 0.999
+        assert c.post("/v1/completions", json={"model": name, "prompt": "w1", "min_agreement": 2}).status_code == 400

@@ -108,6 +108,43 @@ def test_cheaper_codec_wins_on_a_thin_link_when_allowed():
     assert 0 < p.split < N and p.codec == "int8"
 
 
+# calibrated agreement: int8 is fine in early layers, below 99% from layer 12 on; f16 everywhere
+AGREEMENT = {"int8": {k: 0.995 if k < 12 else 0.97 for k in range(1, N)}, "f16": {k: 1.0 for k in range(1, N)}}
+
+
+@pytest.mark.parametrize("mbit", [0.3, 1, 3, 10, 100])
+@pytest.mark.parametrize("budget", [0.0, 0.98, 0.99, 0.999])
+def test_accuracy_budget_is_never_broken(mbit, budget):
+    edge = part.EdgeView(profile(layer_decode=2e-4, per_token=8e-6))
+    c = part.Constraints(codecs=("f16", "int8"), min_agreement=budget, agreement=AGREEMENT)
+    p = part.plan(DEVICE, edge, link(mbit, 20), 256, 64, c)
+    for cand in p.candidates:
+        if 0 < cand.split < N:
+            assert AGREEMENT[cand.codec][cand.split] >= budget, (cand.split, cand.codec)
+    if budget >= 0.99:
+        assert not any(cand.codec == "int8" and cand.split >= 12 for cand in p.candidates)
+
+
+def test_accuracy_budget_moves_a_thin_link_off_the_cheap_codec():
+    edge = part.EdgeView(profile(layer_decode=2e-4, per_token=8e-6))
+    device = profile(layer_decode=5e-3)  # a slow device: keep few layers
+    free = part.plan(device, edge, link(0.5, 20), 128, 32, part.Constraints(
+        min_device_layers=14, codecs=("f16", "int8"), agreement=AGREEMENT))
+    assert free.codec == "int8" and free.split == 14
+    strict = part.plan(device, edge, link(0.5, 20), 128, 32, part.Constraints(
+        min_device_layers=14, codecs=("f16", "int8"), min_agreement=0.99, agreement=AGREEMENT))
+    assert strict.codec != "int8" or strict.split < 12
+
+
+def test_accuracy_budget_without_a_table_keeps_only_f32():
+    c = part.Constraints(codecs=("f16", "f32"), min_agreement=0.99)
+    assert c.accurate_enough("f32", 5) and not c.accurate_enough("f16", 5)
+    edge = part.EdgeView(profile(layer_decode=1e-4, per_token=4e-6, head=4e-4))
+    with pytest.raises(part.PlanError, match="min_agreement"):
+        part.plan(DEVICE, edge, link(10), 64, 8, part.Constraints(min_device_layers=3, max_device_layers=10,
+                                                                 codecs=("int8",), min_agreement=0.99))
+
+
 def test_energy_objective_moves_the_cut():
     """Costly radio -> energy keeps work on the device; costly compute -> it offloads more."""
     lk, req = link(2, 20), (128, 32)

@@ -94,3 +94,21 @@ def test_runtime_never_imports_transformers(tiny_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_calibrate_cli_writes_the_table_for_these_weights(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    from coinfer.codec_accuracy import FILE, load
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    assert main(["calibrate", "--model", str(d)]) == 0
+    assert "lowest agreement per codec" in capsys.readouterr().out
+    table = load(d, read_fingerprint(d))
+    assert table is not None and "f32" not in table.table and "uq20" in table.table
+    assert all(0 <= e.agreement <= 1 and e.bytes_per_token > 0 for row in table.table.values() for e in row.values())
+    assert load(d, "sha256:other") is None  # a table of other weights is not used
+    (d / FILE).write_text("{not json")
+    assert load(d) is None
+    assert main(["calibrate", "--model", str(tmp_path / "missing")]) == 2
