@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-device-layers", type=int, default=-1, help="layers the device holds (-1 = all)")
     ap.add_argument("--min-device-layers", type=int, default=0, help="privacy floor")
     ap.add_argument("--codecs", default="f16", help="codecs allowed, comma-separated (default f16)")
+    ap.add_argument("--min-agreement", type=float, default=0.0,
+                    help="accuracy budget: lossy codecs only at cuts where the model dir's calibrated table "
+                         "(coinfer calibrate) gives at least this greedy agreement (default 0: none)")
     ap.add_argument("--objective", default="latency", choices=part.OBJECTIVES)
     ap.add_argument("--device-slowdown", type=float, default=1.0, help="emulate a device this many times slower")
     ap.add_argument("--edge", default="", help="host:port of a running edge to take its profile and load from")
@@ -56,6 +59,16 @@ def _profiles(a: argparse.Namespace):
     whole = device.slowed(1.0) if device.whole_model else \
         HeadRunner(a.model, -1, "fp32").cost_profile(a.profile_dir or None)
     return device, part.EdgeView(whole, parse_duration(a.edge_queue))
+
+
+def _constraints(a: argparse.Namespace) -> part.Constraints:
+    from coinfer import codec_accuracy
+
+    if not 0.0 <= a.min_agreement <= 1.0:
+        raise ValueError(f"--min-agreement must be in [0, 1], got {a.min_agreement}")
+    table = codec_accuracy.load(a.model) if a.min_agreement > 0 else None
+    agreement = {c: {k: e.agreement for k, e in row.items()} for c, row in table.table.items()} if table else None
+    return part.Constraints(a.min_device_layers, None, tuple(a.codecs.split(",")), a.min_agreement, agreement)
 
 
 def table(plan: part.Plan) -> str:
@@ -96,9 +109,7 @@ def main(argv: list[str]) -> int:
             raise ValueError("bandwidth must be > 0")
         link = part.LinkEstimate(up, down, parse_duration(a.rtt))
         device, edge = _profiles(a)
-        plan = part.plan(device, edge, link, a.prompt_tokens, a.max_tokens,
-                         part.Constraints(a.min_device_layers, None, tuple(a.codecs.split(","))),
-                         part.Objective(a.objective))
+        plan = part.plan(device, edge, link, a.prompt_tokens, a.max_tokens, _constraints(a), part.Objective(a.objective))
     except (ValueError, OSError) as e:
         print(f"coinfer plan: {e}", file=sys.stderr)
         return 2

@@ -197,3 +197,8 @@ def test_coinfer_plan_cli_prints_a_table_and_draws_a_png(tiny_dir, tmp_path, cap
     assert d["split"] >= 2 and {c["split"] for c in d["candidates"]} == set(range(2, 7))
     assert main(["plan", "--model", str(tiny_dir), "--bandwidth", "fast"]) == 2
     assert "cannot read a rate" in capsys.readouterr().err
+    # an accuracy budget with no calibrated table in the dir: lossy codecs are out, only the ends remain
+    assert main(["plan", "--model", str(tiny_dir), "--codecs", "f16,int8", "--min-agreement", "0.99",
+                 "--json", str(out), "--profile-dir", str(tmp_path)]) == 0
+    assert {c["split"] for c in json.loads(out.read_text())["candidates"]} == {0, 6}
+    assert main(["plan", "--model", str(tiny_dir), "--min-agreement", "2"]) == 2
