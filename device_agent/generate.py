@@ -121,10 +121,12 @@ class Engine:
         self.remote = EdgeRunner(settings, head, edge, self.planner, self.metrics) if edge is not None else None
 
     def plan(self, prompt_tokens: int, max_tokens: int, codec: str | None = None,
-             min_agreement: float | None = None) -> tuple[int, str, str, Plan | None]:
+             min_agreement: float | None = None, prompt_ids: list[int] | None = None
+             ) -> tuple[int, str, str, Plan | None]:
         """Split "auto": (split, codec, reason, plan) from the partitioner over fresh estimates."""
+        cached = self.remote.reusable(prompt_ids) if self.remote is not None and prompt_ids else None
         try:
-            p = self.planner.plan(prompt_tokens, max_tokens, codec, min_agreement)
+            p = self.planner.plan(prompt_tokens, max_tokens, codec, min_agreement, cached)
             return p.split, codec or (p.codec if p.codec not in ("none", "token_ids") else self.settings.codec), \
                 p.reason, p
         except PlanError as e:
@@ -134,14 +136,15 @@ class Engine:
         return k, codec or self.settings.codec, f"auto: edge not reachable for planning; trying split {k}", None
 
     def resolve(self, split: int | str | None, codec: str | None, prompt_tokens: int = 1,
-                max_tokens: int = 1, min_agreement: float | None = None) -> tuple[int, str, str, Plan | None]:
+                max_tokens: int = 1, min_agreement: float | None = None,
+                prompt_ids: list[int] | None = None) -> tuple[int, str, str, Plan | None]:
         """(split, codec, reason, plan) for a request; RequestError when it cannot be served."""
         if codec is not None and codec not in codecs.CODECS:
             raise RequestError(f"unknown codec {codec!r}; choose one of {', '.join(codecs.CODECS)}")
         split = self.settings.split if split is None else split
         n, plan = self.num_layers, None
         if split == "auto":
-            k, codec, reason, plan = self.plan(prompt_tokens, max_tokens, codec, min_agreement)
+            k, codec, reason, plan = self.plan(prompt_tokens, max_tokens, codec, min_agreement, prompt_ids)
         else:
             try:
                 k = int(split)
@@ -167,7 +170,7 @@ class Engine:
         """Yields Delta per token as it arrives, then one Result. Raises RequestError, EdgeError."""
         self.check_length(len(req.prompt_ids), req.max_tokens)
         k, codec, reason, plan = self.resolve(req.split, req.codec, len(req.prompt_ids), req.max_tokens,
-                                              req.min_agreement)
+                                              req.min_agreement, req.prompt_ids)
         stats = RunStats(k, codec if 0 < k < self.num_layers else ("token_ids" if k == 0 else "none"), reason,
                          self.head.model.precision, plan=plan)
         text = TextAssembler(self.tokenizer, req.stop)

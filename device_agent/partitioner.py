@@ -198,21 +198,27 @@ def feasible_splits(device: CostProfile, edge: EdgeView | None, constraints: Con
 
 def candidates(device: CostProfile, edge: EdgeView | None, link: LinkEstimate, prompt_tokens: int,
                new_tokens: int, constraints: Constraints = Constraints(),
-               objective: Objective = Objective()) -> list[Candidate]:
-    """Every feasible (k, codec) with its cost, best first."""
+               objective: Objective = Objective(), cached: Mapping[int, int] | None = None) -> list[Candidate]:
+    """Every feasible (k, codec) with its cost, best first.
+
+    cached: prompt positions the edge probably still holds at split k from an earlier turn
+    (prefix reuse): only the rest is run and sent there.
+    """
     n = device.num_layers
     out = []
     for k in feasible_splits(device, edge, constraints):
+        fresh = prompt_tokens - (cached or {}).get(k, 0) if k < n else prompt_tokens
         for c in (constraints.codecs if 0 < k < n else ("-",)):
             if c == "-" or constraints.accurate_enough(c, k):
-                out.append(cost(device, edge, link, k, c, prompt_tokens, new_tokens, objective))
+                out.append(cost(device, edge, link, k, c, fresh, new_tokens, objective))
     return sorted(out, key=lambda c: (c.score, -c.split))
 
 
 def plan(device: CostProfile, edge: EdgeView | None, link: LinkEstimate, prompt_tokens: int, new_tokens: int,
-         constraints: Constraints = Constraints(), objective: Objective = Objective()) -> Plan:
+         constraints: Constraints = Constraints(), objective: Objective = Objective(),
+         cached: Mapping[int, int] | None = None) -> Plan:
     """The best cut under the constraints for the objective, with the cost of every alternative."""
-    ranked = candidates(device, edge, link, prompt_tokens, new_tokens, constraints, objective)
+    ranked = candidates(device, edge, link, prompt_tokens, new_tokens, constraints, objective, cached)
     if not ranked:
         raise PlanError(_infeasible(device, edge, constraints))
     return Plan(ranked[0], reason(ranked, link, edge, objective), objective.kind, ranked)

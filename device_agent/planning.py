@@ -159,11 +159,14 @@ class Planner:
                               s.rx_joules_per_byte)
 
     def plan(self, prompt_tokens: int, new_tokens: int, codec: str | None = None,
-             min_agreement: float | None = None) -> part.Plan:
-        """The plan for one request from the freshest estimates. Raises partitioner.PlanError."""
+             min_agreement: float | None = None, cached: dict[int, int] | None = None) -> part.Plan:
+        """The plan for one request from the freshest estimates. Raises partitioner.PlanError.
+
+        cached: per split, prompt positions the edge probably holds from an earlier turn.
+        """
         edge = self.edge_view()
         p = part.plan(self.device, edge, self.link.estimate(), prompt_tokens, new_tokens,
-                      self.constraints(codec, min_agreement), self.objective())
+                      self.constraints(codec, min_agreement), self.objective(), cached)
         self.metrics.plan_predicted.set(p.best.total)
         return p
 

@@ -42,6 +42,16 @@ class HeadCacheStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def reusable(self, ids: list[int]) -> dict[int, int]:
+        """Per split, how many leading positions of `ids` an entry could serve (without taking it)."""
+        limit = (len(ids) - 1) // BLOCK * BLOCK
+        out: dict[int, int] = {}
+        with self._lock:
+            for e in self._entries:
+                n = min(common_prefix(e.ids, ids), limit) // BLOCK * BLOCK
+                out[e.split] = max(out.get(e.split, 0), n)
+        return {k: n for k, n in out.items() if n}
+
     def take(self, split: int, ids: list[int]) -> tuple[KVCache | None, int]:
         """The entry at `split` sharing the longest whole-block prefix with `ids` (leaving at least one
         token to run), removed from the store: (its cache, how many positions are usable)."""

@@ -42,6 +42,10 @@ class EdgeRunner:
         self.settings, self.head, self.edge, self.planner, self.metrics = settings, head, edge, planner, metrics
         self.head_caches = HeadCacheStore(settings.prefix_cache_bytes) if settings.prefix_reuse else None
 
+    def reusable(self, prompt_ids: list[int]) -> dict[int, int]:
+        """Per split, prompt positions the edge probably still holds (what earlier sessions left)."""
+        return self.head_caches.reusable(prompt_ids) if self.head_caches is not None else {}
+
     def tokens(self, req, k: int, codec: str, stop_ids: frozenset[int], stats,
                local: Callable[[list[int], int], TokenSource]) -> TokenSource:
         """Tokens of req at split k; `local(history, max_new)` finishes on the device when the edge fails."""

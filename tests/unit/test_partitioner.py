@@ -145,6 +145,21 @@ def test_accuracy_budget_without_a_table_keeps_only_f32():
                                                                  codecs=("int8",), min_agreement=0.99))
 
 
+def test_a_prefix_the_edge_still_holds_makes_its_split_cheap():
+    """Turn 2 of a chat on a thin link: the split whose caches hold turn 1 sends 16 positions, not 512."""
+    device = profile(layer_decode=3e-3, per_token=1.2e-4)
+    edge = part.EdgeView(profile(layer_decode=2e-4, per_token=8e-6))
+    c = part.Constraints(min_device_layers=2)
+    cold = part.plan(device, edge, link(0.5, 20), 512, 32, c)
+    warm = part.plan(device, edge, link(0.5, 20), 512, 32, c, cached={15: 496})
+    assert cold.split != 15 and warm.split == 15
+    at15 = lambda p: next(x for x in p.candidates if x.split == 15)
+    assert at15(warm).bytes_up < at15(cold).bytes_up / 10 and at15(warm).ttft < at15(cold).ttft / 5
+    # other splits are priced as before
+    assert {x.split: x.total for x in cold.candidates if x.split != 15} == \
+        {x.split: x.total for x in warm.candidates if x.split != 15}
+
+
 def test_energy_objective_moves_the_cut():
     """Costly radio -> energy keeps work on the device; costly compute -> it offloads more."""
     lk, req = link(2, 20), (128, 32)

@@ -175,6 +175,7 @@ def test_device_head_caches_by_split_and_longest_prefix():
     store.put(3, list(range(50)), a)  # only the 40 positions the cache holds count
     store.put(0, list(range(100, 140)), None)  # split 0: ids only
     assert store.take(5, list(range(50))) == (None, 0)
+    assert store.reusable(list(range(45)) + [999]) == {3: 32}  # what the planner is told, nothing taken
     cache, n = store.take(3, list(range(45)) + [999])
     assert cache is a and n == 32 and len(store) == 1  # 40 held, cut to whole blocks
     assert store.take(0, list(range(100, 140))) == (None, 32)  # one token must be left to run
