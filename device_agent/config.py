@@ -13,7 +13,9 @@ class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COINFER_", extra="ignore")
 
     model_dir: str = Field(DEFAULT_MODEL_DIR, description="prepared model dir (coinfer prepare)")
-    edge: str = Field("127.0.0.1:50051", description="edge server gRPC address host:port ('' = device only)")
+    edge: str = Field("127.0.0.1:50051", description="edge server gRPC address host:port, or several "
+                      "comma-separated (the nearest, least loaded serves; the others take over when it fails); "
+                      "'' = device only")
     host: str = Field("127.0.0.1", description="address the REST API binds to")
     port: int = Field(8000, ge=0, le=65535, description="REST API port (0 = pick a free one)")
     split: str = Field("auto", description="default split: 0..N layers on the device, or 'auto' (planned per request)")

@@ -49,6 +49,7 @@ class Planner:
         self.active = 0  # requests in flight (no probing while they use the link); begin() / end()
         self._epoch = 0  # bumped whenever a request starts or ends: a sample spanning a bump overlapped one
         self.skipped = 0  # exchanges not learned from because other traffic shared the link
+        self._generation = 0  # the edge pool's generation the edge profile belongs to
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,8 +74,9 @@ class Planner:
     def refresh(self, timeout: float | None = None) -> bool:
         """Describe the edge: load always, its cost profile until we have it. False when unreachable."""
         quiet = self.quiet(0)
+        generation = getattr(self.edge, "generation", 0)  # an edge pool that failed over: a new edge
         try:
-            reply, ex = self.edge.describe_timed(self.edge_profile is None, timeout)
+            reply, ex = self.edge.describe_timed(self.edge_profile is None or generation != self._generation, timeout)
         except EdgeError as e:
             if self.reachable:
                 log.warning("edge %s unreachable for planning (%s)", self.edge.address, e.code.name)
@@ -87,6 +89,7 @@ class Planner:
             if reply.HasField("profile"):
                 try:
                     self.edge_profile = profiles.from_pb(reply.profile)
+                    self._generation = generation
                 except ValueError as e:
                     log.warning("edge sent an unusable cost profile: %s", e)
             # an edge with other weights cannot take a session: plan as if it were not there

@@ -26,6 +26,7 @@ from coinfer.model.kv_cache import KVCache
 from coinfer.v1 import edge_pb2 as pb
 from device_agent.config import AgentSettings
 from device_agent.edge_client import EdgeClient, EdgeError, Exchange
+from device_agent.edge_pool import FAILOVER
 from device_agent.head import HeadRunner
 from device_agent.metrics import AgentMetrics
 from device_agent.planning import Planner
@@ -66,6 +67,9 @@ class EdgeRunner:
                     idle_replays, busy_since = 0, None
                 if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     busy_since = busy_since or time.monotonic()
+                    if self._other_edge(e):  # another edge may have room: no need to wait
+                        stats.busy_retries += 1
+                        continue
                     if self._wait_busy(e, time.monotonic() - busy_since, stats):
                         continue
                 elif e.retryable and idle_replays < self.settings.replays:
@@ -73,7 +77,8 @@ class EdgeRunner:
                     stats.replays += 1
                     self.metrics.replays.inc()
                     log.warning("edge session lost (%s); replaying %d tokens", e, len(history))
-                    if e.code != grpc.StatusCode.ABORTED:  # ABORTED: the edge dropped the cache, it is up
+                    moved = e.code in FAILOVER and self._other_edge(e)
+                    if e.code != grpc.StatusCode.ABORTED and not moved:  # ABORTED: evicted, the edge is up
                         time.sleep(min(0.2 * 2 ** idle_replays, 2.0))
                     continue
                 elif not e.retryable:
@@ -85,6 +90,11 @@ class EdgeRunner:
                 self.metrics.fallbacks.inc()
                 yield from local(history, req.max_tokens - generated)
                 return
+
+    def _other_edge(self, e: EdgeError) -> bool:
+        """Fail over to another edge of the pool (False with a single edge)."""
+        failover = getattr(self.edge, "failover", None)
+        return bool(failover and failover(why=e))
 
     def _wait_busy(self, e: EdgeError, waited: float, stats) -> bool:
         """Sleep before retrying a busy edge; False when the wait budget is spent."""

@@ -80,11 +80,15 @@ def test_compose_services_commands_and_health_checks():
         _check_command(test[1:])
         env = svc.get("environment", {})
         assert all(k.startswith("COINFER_") for k in env)
-        fields = PARSERS[name][1].model_fields
+        program = (shlex.split(cmd) if isinstance(cmd, str) else cmd)[0]
+        fields = PARSERS[program][1].model_fields
         assert all(k[len("COINFER_"):].lower() in fields for k in env), f"{name}: unknown setting in environment"
     agent = services["device-agent"]
     assert agent["depends_on"]["edge-server"]["condition"] == "service_healthy"
-    assert agent["environment"]["COINFER_EDGE"].startswith("edge-server:")
+    edges = agent["environment"]["COINFER_EDGE"].split(",")
+    assert [e.split(":")[0] for e in edges] == ["edge-server", "edge-server-2"]
+    assert all(services[e.split(":")[0]]["command"][0] == "edge-server" for e in edges)
+    assert set(agent["depends_on"]) == {"edge-server", "edge-server-2"}
 
 
 def test_dockerfile_pins_cpu_torch_and_prepares_the_model():
