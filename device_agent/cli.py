@@ -22,7 +22,7 @@ def build_app(settings: AgentSettings):
     from coinfer import compute
     from coinfer.model.tokenizer import Tokenizer
     from device_agent.api.app import create_app
-    from device_agent.edge_client import EdgeError
+    from device_agent.edge_client import EdgeAuth, EdgeError
     from device_agent.edge_pool import EdgePool
     from device_agent.generate import Engine
     from device_agent.head import HeadRunner
@@ -32,8 +32,9 @@ def build_app(settings: AgentSettings):
     head = HeadRunner(settings.model_dir, settings.max_device_layers, settings.weights, settings.device_slowdown)
     edge = None
     if settings.edge:
+        auth = EdgeAuth(settings.edge_ca_file, settings.edge_cert_file, settings.edge_key_file, settings.edge_token)
         edge = EdgePool([a.strip() for a in settings.edge.split(",") if a.strip()], settings.connect_timeout_seconds,
-                        settings.request_timeout_seconds, settings.max_message_bytes)
+                        settings.request_timeout_seconds, settings.max_message_bytes, auth=auth)
         if len(edge.clients) > 1:
             edge.rank()  # the nearest, least loaded edge serves first
         try:

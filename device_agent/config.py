@@ -16,6 +16,13 @@ class AgentSettings(BaseSettings):
     edge: str = Field("127.0.0.1:50051", description="edge server gRPC address host:port, or several "
                       "comma-separated (the nearest, least loaded serves; the others take over when it fails); "
                       "'' = device only")
+    edge_ca_file: str = Field("", description="PEM CA of the edge's certificate: talk to the edge over TLS "
+                              "('' = plaintext)")
+    edge_cert_file: str = Field("", description="PEM client certificate for mutual TLS with the edge")
+    edge_key_file: str = Field("", description="PEM private key of edge_cert_file")
+    edge_token: str = Field("", description="bearer token sent to the edge with every call")
+    api_key: str = Field("", description="REST clients must send Authorization: Bearer <api_key> ('' = open); "
+                         "/healthz, /readyz and /metrics stay open")
     host: str = Field("127.0.0.1", description="address the REST API binds to")
     port: int = Field(8000, ge=0, le=65535, description="REST API port (0 = pick a free one)")
     split: str = Field("auto", description="default split: 0..N layers on the device, or 'auto' (planned per request)")

@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -43,15 +44,36 @@ class EdgeError(RuntimeError):
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", retry_after)
 
 
+@dataclass(frozen=True)
+class EdgeAuth:
+    """How the device proves itself to the edge: TLS (CA of the edge's certificate, optional client
+    certificate for mutual TLS) and an optional bearer token. Empty = plaintext, no token."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    token: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.ca_file:
+            return None
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
 class EdgeStream:
     """One Generate stream = one edge session. send() queues a message; recv() waits for the next reply."""
 
-    def __init__(self, stub: edge_pb2_grpc.EdgeInferenceStub, open_msg: pb.Open, timeout: float) -> None:
+    def __init__(self, stub: edge_pb2_grpc.EdgeInferenceStub, open_msg: pb.Open, timeout: float,
+                 metadata: tuple = ()) -> None:
         self._out: queue.Queue[pb.DeviceMessage | None] = queue.Queue()
         self.bytes_up = self.bytes_down = self.messages_up = self.messages_down = 0
         self.send(pb.DeviceMessage(open=open_msg))
         self._call = stub.Generate(iter(self._out.get, None), timeout=timeout,
-                                   metadata=(("x-session-id", open_msg.session_id),))
+                                   metadata=(("x-session-id", open_msg.session_id), *metadata))
 
     def send(self, msg: pb.DeviceMessage) -> None:
         self.bytes_up += msg.ByteSize()
@@ -90,14 +112,17 @@ class Exchange:
 
 class EdgeClient:
     def __init__(self, address: str, connect_timeout: float = 5.0, request_timeout: float = 300.0,
-                 max_message_bytes: int = 16 << 20) -> None:
+                 max_message_bytes: int = 16 << 20, auth: EdgeAuth = EdgeAuth()) -> None:
         self.address = address
+        self._metadata = auth.metadata()
         self.connect_timeout, self.request_timeout = connect_timeout, request_timeout
         opts = [("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2_000)]
-        self._channel = grpc.insecure_channel(address, options=opts)
+        creds = auth.credentials()
+        self._channel = grpc.secure_channel(address, creds, options=opts) if creds else \
+            grpc.insecure_channel(address, options=opts)
         self._stub = edge_pb2_grpc.EdgeInferenceStub(self._channel)
         self._describe: pb.DescribeResponse | None = None
         self._lock = threading.Lock()
@@ -107,7 +132,7 @@ class EdgeClient:
             if self._describe is None or refresh:
                 try:
                     self._describe = self._stub.Describe(pb.DescribeRequest(), timeout=timeout or self.connect_timeout,
-                                                         wait_for_ready=True)
+                                                         wait_for_ready=True, metadata=self._metadata)
                 except grpc.RpcError as e:
                     raise EdgeError.from_rpc(e) from None
             return self._describe
@@ -118,7 +143,7 @@ class EdgeClient:
         req = pb.DescribeRequest(include_profile=include_profile)
         t0 = time.perf_counter()
         try:
-            reply = self._stub.Describe(req, timeout=timeout or self.connect_timeout)
+            reply = self._stub.Describe(req, timeout=timeout or self.connect_timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise EdgeError.from_rpc(e) from None
         wall = time.perf_counter() - t0
@@ -131,7 +156,7 @@ class EdgeClient:
         req = pb.ProbeRequest(payload=bytes(bytes_up), reply_bytes=bytes_down)
         t0 = time.perf_counter()
         try:
-            reply = self._stub.Probe(req, timeout=timeout or self.request_timeout)
+            reply = self._stub.Probe(req, timeout=timeout or self.request_timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise EdgeError.from_rpc(e) from None
         return Exchange(req.ByteSize(), reply.ByteSize(), time.perf_counter() - t0, reply.edge_seconds)
@@ -143,7 +168,7 @@ class EdgeClient:
         except grpc.FutureTimeoutError:
             raise EdgeError(grpc.StatusCode.UNAVAILABLE, f"edge {self.address} not reachable "
                                                          f"within {self.connect_timeout:.1f} s") from None
-        stream = EdgeStream(self._stub, open_msg, self.request_timeout)
+        stream = EdgeStream(self._stub, open_msg, self.request_timeout, self._metadata)
         try:
             return stream, stream.recv("opened")
         except EdgeError:

@@ -17,7 +17,7 @@ import time
 import grpc
 
 from coinfer.v1 import edge_pb2 as pb
-from device_agent.edge_client import EdgeClient, EdgeError, EdgeStream, Exchange
+from device_agent.edge_client import EdgeAuth, EdgeClient, EdgeError, EdgeStream, Exchange
 
 log = logging.getLogger("coinfer.device")
 # the edge itself is gone or refusing: another edge may serve (ABORTED = evicted: same edge, replay)
@@ -26,10 +26,10 @@ FAILOVER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCE
 
 class EdgePool:
     def __init__(self, addresses: list[str], connect_timeout: float = 5.0, request_timeout: float = 300.0,
-                 max_message_bytes: int = 16 << 20, down_seconds: float = 10.0) -> None:
+                 max_message_bytes: int = 16 << 20, down_seconds: float = 10.0, auth: EdgeAuth = EdgeAuth()) -> None:
         if not addresses:
             raise ValueError("an edge pool needs at least one address")
-        self.clients = [EdgeClient(a, connect_timeout, request_timeout, max_message_bytes) for a in addresses]
+        self.clients = [EdgeClient(a, connect_timeout, request_timeout, max_message_bytes, auth) for a in addresses]
         self.down_seconds = down_seconds
         self._down_until = [0.0] * len(self.clients)
         self._active = 0

@@ -22,6 +22,13 @@ class EdgeSettings(BaseSettings):
     max_new_tokens: int = Field(2048, ge=1, description="generated tokens per session")
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest gRPC message, bytes")
     max_frame_bytes: int = Field(64 << 20, ge=1024, description="largest decoded tensor frame, bytes")
+    tls_cert_file: str = Field("", description="PEM certificate: serve gRPC over TLS ('' = plaintext)")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file")
+    tls_client_ca_file: str = Field("", description="PEM CA: require client certificates signed by it (mutual TLS)")
+    auth_tokens: str = Field("", description="bearer tokens accepted, comma-separated ('' = no token needed); "
+                             "each is its own client identity")
+    max_sessions_per_client: int = Field(0, ge=0, description="concurrent sessions of one client identity "
+                                         "(certificate, token or address; 0 = only max_sessions)")
     workers: int = Field(48, ge=2, description="gRPC handler threads (one per open stream, plus unary calls)")
     kv_budget_bytes: int = Field(1 << 30, ge=1 << 16, description="KV cache bytes of all sessions together, live "
                                  "and kept for prefix reuse; beyond it idle caches are evicted (LRU), bytes")

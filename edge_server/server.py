@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from coinfer import compute
 from coinfer.v1 import edge_pb2, edge_pb2_grpc
 from edge_server.api import create_ops_app
+from edge_server import security
 from edge_server.config import EdgeSettings
 from edge_server.metrics import EdgeMetrics
 from edge_server.service import EdgeService
@@ -47,14 +48,25 @@ class EdgeServer:
                             settings.profile_dir or None, settings.profile, settings.kv_chunk_tokens)
         self.service = EdgeService(runner, settings, EdgeMetrics())
         self.health = health.HealthServicer()
+        tokens = [t.strip() for t in settings.auth_tokens.split(",") if t.strip()]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
-                                options=grpc_options(settings.max_message_bytes))
+                                options=grpc_options(settings.max_message_bytes),
+                                interceptors=[security.TokenAuth(tokens)] if tokens else None)
         edge_pb2_grpc.add_EdgeInferenceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc)
-        self.grpc_port = self.grpc.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        bind = f"{settings.host}:{settings.grpc_port}"
+        if bool(settings.tls_cert_file) != bool(settings.tls_key_file) or (settings.tls_client_ca_file
+                                                                             and not settings.tls_cert_file):
+            raise ValueError("TLS needs tls_cert_file and tls_key_file together (and both for tls_client_ca_file)")
+        if settings.tls_cert_file:
+            creds = security.server_credentials(settings.tls_cert_file, settings.tls_key_file,
+                                                settings.tls_client_ca_file)
+            self.grpc_port = self.grpc.add_secure_port(bind, creds)
+        else:
+            self.grpc_port = self.grpc.add_insecure_port(bind)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
         self._ops = uvicorn.Server(uvicorn.Config(create_ops_app(self.service), host=settings.host,

@@ -13,6 +13,7 @@ from coinfer import __version__, codec, profile
 from coinfer.model.sampling import SamplingParams
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
+from edge_server import security
 from edge_server.config import EdgeSettings
 from edge_server.metrics import EdgeMetrics
 from coinfer.prefix import BLOCK, DIGEST, PrefixChain
@@ -56,7 +57,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
     def __init__(self, runner: TailRunner, settings: EdgeSettings, metrics: EdgeMetrics) -> None:
         self.runner, self.settings, self.metrics = runner, settings, metrics
         self.sessions = SessionStore(settings.max_sessions, settings.kv_budget_bytes, settings.idle_timeout_seconds,
-                                     settings.keep_seconds)
+                                     settings.keep_seconds, settings.max_sessions_per_client)
         self.scheduler = Scheduler(runner.model, self.sessions, settings.max_batch, settings.batch_wait_ms / 1000,
                                    settings.prefill_chunk_tokens, on_batch=self._on_batch)
         ctx = runner.cfg.max_position_embeddings
@@ -106,7 +107,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         context.add_callback(gone.set)  # runs when the RPC ends, including a client that vanished
         outcome = "ok"
         try:
-            yield from self._session(self._counted(request_iterator), gone)
+            yield from self._session(self._counted(request_iterator), gone, security.identity(context))
         except Abort as e:
             outcome = e.code.name.lower()
             log.info("session aborted: %s %s", e.code.name, e.message)
@@ -144,12 +145,13 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
                 counter.inc(value - last)
                 self._counted_stats[id(counter)] = value
 
-    def _session(self, requests, gone: threading.Event) -> Iterator[pb.EdgeMessage]:
+    def _session(self, requests, gone: threading.Event, owner: str) -> Iterator[pb.EdgeMessage]:
         first = _next(requests)
         if first.WhichOneof("kind") != "open":
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"the first message must be Open, got {first.WhichOneof('kind')}")
         op = first.open
         session = self._open(op)
+        session.owner = owner
         keep = False
         try:
             with self.sessions.hold(op.session_id, session):

@@ -48,6 +48,7 @@ class Kept:
     split: int
     codec: str
     hashes: list[bytes]  # block hashes of the prefixes it holds: (i + 1) * BLOCK tokens
+    owner: str = ""  # only sessions of the same client identity may claim it
     kept_at: float = field(default_factory=time.monotonic)
 
 
@@ -62,12 +63,12 @@ class StoreStats:
 
 class SessionStore:
     def __init__(self, max_sessions: int, budget_bytes: int, idle_timeout: float = 300.0,
-                 keep_seconds: float = 600.0) -> None:
-        self.max_sessions, self.budget = max_sessions, budget_bytes
+                 keep_seconds: float = 600.0, max_per_client: int = 0) -> None:
+        self.max_sessions, self.budget, self.max_per_client = max_sessions, budget_bytes, max_per_client
         self.idle_timeout, self.keep_seconds = idle_timeout, keep_seconds
         self._sessions: dict[str, TailSession] = {}
         self._kept: OrderedDict[int, Kept] = OrderedDict()  # least recently kept first
-        self._index: dict[bytes, int] = {}  # block hash -> id(Kept)
+        self._index: dict[tuple[str, bytes], int] = {}  # (owner, block hash) -> id(Kept)
         self._bytes = self.peak_bytes = 0
         self.stats = StoreStats()
         self._lock = threading.RLock()
@@ -93,6 +94,10 @@ class SessionStore:
             if len(self._sessions) >= self.max_sessions:
                 raise SessionLimitError(f"edge is at its session limit ({self.max_sessions}); retry later",
                                         self.retry_after())
+            if self.max_per_client and sum(s.owner == session.owner for s in self._sessions.values()) \
+                    >= self.max_per_client:
+                raise SessionLimitError(f"this client already has {self.max_per_client} sessions open "
+                                        f"(max_sessions_per_client); retry later", self.retry_after())
             self._sessions[session_id] = session
             self._bytes += session.cache.nbytes
         try:
@@ -163,13 +168,15 @@ class SessionStore:
         if not hashes:
             return False
         with self._lock:
-            kept = Kept(KVCache(0, 0, 0), s.split, s.codec, hashes)
+            kept = Kept(KVCache(0, 0, 0), s.split, s.codec, hashes, s.owner)
             kept.cache, s.cache = s.cache, kept.cache  # the live session ends holding an empty cache
-            older = {self._index[h] for h in hashes if h in self._index}
+            names = [(s.owner, h) for h in hashes]
+            older = {self._index[n] for n in names if n in self._index}
             self._kept[id(kept)] = kept
-            self._index.update((h, id(kept)) for h in hashes)
+            self._index.update((n, id(kept)) for n in names)
             for key in older:  # an older cache of a prefix of this one serves nothing the new one can't
-                if key in self._kept and not any(self._index.get(h) == key for h in self._kept[key].hashes):
+                old = self._kept.get(key)
+                if old is not None and not any(self._index.get((old.owner, h)) == key for h in old.hashes):
                     self._drop_kept(key)
             return True
 
@@ -182,7 +189,7 @@ class SessionStore:
         """
         with self._lock:
             for h, length in sorted(offers, key=lambda o: -o[1]):
-                key = self._index.get(h)
+                key = self._index.get((s.owner, h))  # another client's cache is never offered
                 kept = self._kept.get(key) if key is not None else None
                 i = length // BLOCK - 1
                 if kept is None or length % BLOCK or kept.split != s.split or kept.codec != s.codec \
@@ -201,8 +208,8 @@ class SessionStore:
     def _drop_kept(self, key: int, free: bool = True) -> None:
         kept = self._kept.pop(key)
         for h in kept.hashes:
-            if self._index.get(h) == key:
-                del self._index[h]
+            if self._index.get((kept.owner, h)) == key:
+                del self._index[(kept.owner, h)]
         self._bytes -= kept.cache.nbytes
         if free:
             kept.cache.clear()

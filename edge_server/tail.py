@@ -49,6 +49,7 @@ class TailSession:
     cache: KVCache
     sampler: Sampler
     session_id: str = ""
+    owner: str = ""  # the client identity that opened it (edge_server/security.py)
     max_new: int = 1
     prompt_tokens: int = 0  # positions the prompt fills (cached prefix included)
     cached_tokens: int = 0  # of which reused from a kept cache

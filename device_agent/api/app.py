@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,11 +29,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}: {e.get('msg')}" + (f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""), where
 
 
+def require_api_key(request: Request) -> None:
+    """With --api-key set, every /v1 call needs `Authorization: Bearer <key>` (as OpenAI clients send it)."""
+    key = request.app.state.logic.engine.settings.api_key
+    if not key:
+        return
+    given = request.headers.get("authorization", "")
+    if not (given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer "):].encode(), key.encode())):
+        raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>", "invalid_request_error",
+                       "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
 def create_app(engine: Engine, model_name: str) -> FastAPI:
     app = FastAPI(title="coinfer device agent", version="1", docs_url="/docs", redoc_url=None)
     app.state.logic = ServingLogic(engine, model_name)
-    for r in (completions.router, models.router, ops.router, plan.router):
-        app.include_router(r)
+    for r in (completions.router, models.router, plan.router):
+        app.include_router(r, dependencies=[Depends(require_api_key)])
+    app.include_router(ops.router)  # health, readiness and metrics stay open for probes and scrapers
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):

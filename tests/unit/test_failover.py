@@ -29,9 +29,17 @@ def _run(engine, on_token=None):
     return got, result
 
 
-def _sessions_opened(edge) -> float:
-    return sum(s.value for m in edge.service.metrics.registry.collect() if m.name == "coinfer_sessions"
-               for s in m.samples if s.name == "coinfer_sessions_total")
+def _sessions_opened(edge, at_least: int = 1) -> float:
+    """Sessions the edge has finished (counted when its handler ends, a moment after the device saw Done)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while True:
+        n = sum(s.value for m in edge.service.metrics.registry.collect() if m.name == "coinfer_sessions"
+                for s in m.samples if s.name == "coinfer_sessions_total")
+        if n >= at_least or time.monotonic() > deadline:
+            return n
+        time.sleep(0.01)
 
 
 def test_serving_edge_dies_mid_stream_and_another_finishes_identically(tiny_dir):
@@ -85,3 +93,35 @@ def test_a_full_edge_hands_the_request_to_another(tiny_dir):
         holder.join()
         assert got == greedy_reference(tiny_dir, PROMPT, 24)
         assert result.stats.busy_retries >= 1 and not result.stats.fallback and engine.edge.address != address(busy)
+
+
+def test_drain_lets_in_flight_sessions_finish_and_sends_new_ones_elsewhere(tiny_dir):
+    import threading
+
+    with edge_server(tiny_dir) as a, edge_server(tiny_dir) as b:
+        engine = _engine(tiny_dir, [a, b], 3)
+        first = a if engine.edge.address == address(a) else b
+        other = b if first is a else a
+        stopper, second = [], {}
+
+        def drain_then_request(n):
+            if n == 5 and not stopper:  # SIGTERM path: NOT_SERVING, refuse new sessions, let this one finish
+                t = threading.Thread(target=first.stop, args=(30,))
+                t.start()
+                stopper.append(t)
+                while not first.service.draining.is_set():
+                    threading.Event().wait(0.005)
+                second["run"] = _run(engine)
+
+        long = GenerationRequest(PROMPT, 120, SamplingParams(), ignore_eos=True)
+        got, result = [], None
+        for ev in engine.stream(long):
+            if isinstance(ev, Result):
+                result = ev
+            elif ev.token_id >= 0:
+                got.append(ev.token_id)
+                drain_then_request(len(got))
+        stopper[0].join(30)
+        assert got == greedy_reference(tiny_dir, PROMPT, 120) and result.stats.replays == 0  # finished in place
+        got2, result2 = second["run"]
+        assert got2 == greedy_reference(tiny_dir, PROMPT, 24) and _sessions_opened(other) == 1
