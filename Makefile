@@ -11,7 +11,7 @@ CODEC     ?= f16
 GEN_SPLIT ?= 15
 STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model run generate test unit integration bench bench-partition bench-edge bench-codecs protos clean
+.PHONY: setup model run generate test unit integration bench bench-partition bench-edge bench-codecs bench-soak protos clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,9 @@ bench-edge: setup model  # ~12 min: concurrency with and without batching, 4-tur
 
 bench-codecs: setup model  # ~4 min: every lossy codec at every cut, bytes vs greedy agreement
 	$(BIN)/python benchmarks/codec_frontier.py --model $(MODEL_DIR)
+
+bench-soak: setup model  # ~70 s: 200 sessions with cancellations and disconnects; leaks?
+	$(BIN)/python benchmarks/soak.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache

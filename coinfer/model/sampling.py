@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -24,7 +27,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # as vLLM: a temperature this close to 0 is greedy (logits / 5e-324 overflow to inf; found by
+        # schemathesis against the REST API)
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 class Sampler:

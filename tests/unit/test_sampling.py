@@ -45,3 +45,14 @@ def test_top_p_keeps_the_nucleus():
 def test_invalid_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_crash():
+    import torch
+
+    from coinfer.model.sampling import Sampler, SamplingParams
+
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0)) * 30
+    for t in (5e-324, 1e-9, 9e-6):
+        token, logprob = Sampler(SamplingParams(temperature=t))(logits)
+        assert token == int(logits.argmax()) and logprob <= 0

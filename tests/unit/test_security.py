@@ -103,6 +103,10 @@ def test_tls_and_mutual_tls(tiny_dir, pki):
         ok = _engine(tiny_dir, edge, edge_ca_file=pki["ca"], edge_cert_file=pki["device"],
                      edge_key_file=pki["device-key"])
         assert _generate(ok)[0] == expected
+        from coinfer.healthcheck import main as healthcheck  # the container probe speaks mutual TLS too
+        assert healthcheck(["grpc", address(edge), "--ca", pki["ca"], "--cert", pki["device"],
+                            "--key", pki["device-key"]]) == 0
+        assert healthcheck(["grpc", address(edge), "--timeout", "1"]) == 1
         assert _fails(_engine(tiny_dir, edge, edge_ca_file=pki["ca"])) == "UNAVAILABLE"  # no client certificate
         assert _fails(_engine(tiny_dir, edge, edge_ca_file=pki["ca"], edge_cert_file=pki["rogue-device"],
                               edge_key_file=pki["rogue-device-key"])) == "UNAVAILABLE"  # certificate of another CA
