@@ -100,6 +100,53 @@ def plot(samples: list[tuple[float, float, int]], warm: float, path: Path) -> No
     fig.savefig(path, dpi=110)
 
 
+def drive(args, edge, agent) -> tuple[dict, list, float]:
+    """Run the sessions; (client actions, RSS samples (t, MiB, done), RSS after the warm-up)."""
+    fp, pid = read_fingerprint(args.model), edge.proc.pid
+    done, actions, samples, lock, warm = [0], {}, [], threading.Lock(), [0.0]
+    base, t0 = agent.ready["http"], time.monotonic()
+    model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+    todo = list(range(args.sessions))
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        while True:
+            with lock:
+                if not todo:
+                    return
+                todo.pop()
+            a = vanishing_grpc(edge.ready["grpc"], fp, rng) if rng.random() < 0.15 else one_request(base, model, rng)
+            with lock:
+                actions[a] = actions.get(a, 0) + 1
+                done[0] += 1
+                if done[0] == args.warmup:
+                    warm[0] = rss_mib(pid)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        samples.append((time.monotonic() - t0, rss_mib(pid), done[0]))
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30  # let hung-up sessions notice and end
+    while httpx.get(edge.ready["ops"] + "/v1/sessions").json()["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    samples.append((time.monotonic() - t0, rss_mib(pid), done[0]))
+    return actions, samples, warm[0]
+
+
+def after_state(edge) -> dict:
+    """What the edge holds once every client is gone."""
+    sessions = httpx.get(edge.ready["ops"] + "/v1/sessions").json()["sessions"]
+    info = httpx.get(edge.ready["ops"] + "/v1/info").json()["load"]
+    metrics = httpx.get(edge.ready["ops"] + "/metrics").text
+    return {"live_sessions_after": len(sessions), "live_kv_bytes_after": sum(s["kv_cache_bytes"] for s in sessions),
+            "kept_caches_after": int(info.get("kept_caches", 0)), "kv_bytes_after": int(info.get("kv_cache_bytes", 0)),
+            "edge_outcomes": {line.split('"')[1]: float(line.split()[1]) for line in metrics.splitlines()
+                              if line.startswith("coinfer_sessions_total{")}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/smollm2-135m-instruct")
@@ -114,67 +161,30 @@ def main() -> None:
     # teams of 2 on 2 cores stall at every barrier (README, edge concurrency): ~3 tokens/s in all
     edge = start_edge(args.model, args=["--max-sessions", "32", "--torch-threads", "1",
                                         "--prefix-reuse", "true" if args.prefix_reuse else "false"])
-    agent = start_agent(args.model, edge.ready["grpc"], args=["--busy-wait-seconds", "30", "--torch-threads", "1"])
-    fp, pid = read_fingerprint(args.model), edge.proc.pid
-    done, actions, samples, lock = [0], {}, [], threading.Lock()
-    warm = [0.0]
-    t0 = time.monotonic()
     try:
-        base = agent.ready["http"]
-        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
-        todo = list(range(args.sessions))
-
-        def worker(seed: int) -> None:
-            rng = random.Random(seed)
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    todo.pop()
-                a = vanishing_grpc(edge.ready["grpc"], fp, rng) if rng.random() < 0.15 else one_request(base, model, rng)
-                with lock:
-                    actions[a] = actions.get(a, 0) + 1
-                    done[0] += 1
-                    if done[0] == args.warmup:
-                        warm[0] = rss_mib(pid)
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.concurrency)]
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):
-            samples.append((time.monotonic() - t0, rss_mib(pid), done[0]))
-            time.sleep(0.5)
-        deadline = time.monotonic() + 30  # let hung-up sessions notice and end
-        while httpx.get(edge.ready["ops"] + "/v1/sessions").json()["sessions"] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1)
-        sessions = httpx.get(edge.ready["ops"] + "/v1/sessions").json()["sessions"]
-        info = httpx.get(edge.ready["ops"] + "/v1/info").json()["load"]
-        metrics = httpx.get(edge.ready["ops"] + "/metrics").text
-        final = rss_mib(pid)
-        samples.append((time.monotonic() - t0, final, done[0]))
+        agent = start_agent(args.model, edge.ready["grpc"], args=["--busy-wait-seconds", "30", "--torch-threads", "1"])
+        try:
+            actions, samples, warm = drive(args, edge, agent)
+            state = after_state(edge)
+        finally:
+            agent.stop()
     finally:
-        agent.stop()
         edge.stop()
-    live_kv = sum(s["kv_cache_bytes"] for s in sessions)
-    outcomes = {line.split('"')[1]: float(line.split()[1]) for line in metrics.splitlines()
-                if line.startswith("coinfer_sessions_total{")}
-    growth = final / warm[0] - 1
+    final = samples[-1][1]
+    growth = final / warm - 1
     result = {"benchmark": "soak", "cpus": os.cpu_count(), "machine": platform.machine(), "sessions": args.sessions,
-              "concurrency": args.concurrency, "prefix_reuse": args.prefix_reuse, "actions": actions, "edge_outcomes": outcomes,
-              "live_sessions_after": len(sessions), "live_kv_bytes_after": live_kv,
-              "kept_caches_after": int(info.get("kept_caches", 0)), "kv_bytes_after": int(info.get("kv_cache_bytes", 0)),
-              "rss_warm_mib": warm[0], "rss_final_mib": final, "rss_peak_mib": max(s[1] for s in samples),
+              "concurrency": args.concurrency, "prefix_reuse": args.prefix_reuse, "actions": actions, **state,
+              "rss_warm_mib": warm, "rss_final_mib": final, "rss_peak_mib": max(s[1] for s in samples),
               "rss_growth": growth, "seconds": samples[-1][0]}
     print(f"\nsoak: {args.sessions} sessions, {args.concurrency} clients, {result['seconds']:.0f} s on "
-          f"{os.cpu_count()} CPUs; client actions {actions}; edge session outcomes {outcomes}")
-    print(f"after: live sessions {len(sessions)}, their KV bytes {live_kv}; kept prefix caches "
-          f"{result['kept_caches_after']} ({result['kv_bytes_after']} B, within the budget)")
-    print(f"edge RSS: {warm[0]:.0f} MiB after {args.warmup} sessions, peak {result['rss_peak_mib']:.0f}, "
+          f"{os.cpu_count()} CPUs; client actions {actions}; edge session outcomes {state['edge_outcomes']}")
+    print(f"after: live sessions {state['live_sessions_after']}, their KV bytes {state['live_kv_bytes_after']}; "
+          f"kept prefix caches {state['kept_caches_after']} ({state['kv_bytes_after']} B, within the budget)")
+    print(f"edge RSS: {warm:.0f} MiB after {args.warmup} sessions, peak {result['rss_peak_mib']:.0f}, "
           f"final {final:.0f} MiB ({growth:+.1%}); target within 10% -> {'met' if abs(growth) <= 0.10 else 'NOT met'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(samples, warm[0], RESULTS / "soak.png")
+    plot(samples, warm, RESULTS / "soak.png")
     print(f"wrote {RESULTS / 'soak.json'} and {RESULTS / 'soak.png'}")
 
 
