@@ -44,6 +44,10 @@ class CodecAccuracy:
         e = self.table.get(codec, {}).get(k)
         return e.agreement if e is not None else None
 
+    def agreements(self) -> dict[str, dict[int, float]]:
+        """codec -> cut -> greedy agreement: what the partitioner's accuracy budget checks."""
+        return {c: {k: e.agreement for k, e in row.items()} for c, row in self.table.items()}
+
     def to_json(self) -> dict:
         return {"fingerprint": self.fingerprint, "text": self.text, "positions": self.positions,
                 "table": {c: {str(k): vars(e) for k, e in row.items()} for c, row in self.table.items()}}

@@ -39,8 +39,7 @@ class Planner:
         self.settings, self.device, self.edge, self.fingerprint = settings, device, edge, fingerprint
         # accuracy of each lossy codec at each cut, calibrated into the model dir (coinfer calibrate)
         table = codec_accuracy.load(settings.model_dir, fingerprint or None)
-        self.agreement = {c: {k: e.agreement for k, e in row.items()} for c, row in table.table.items()} \
-            if table else None
+        self.agreement = table.agreements() if table else None
         self.metrics = metrics or AgentMetrics()
         self.link = LinkEstimator()
         self.edge_profile: CostProfile | None = None

@@ -28,6 +28,11 @@ class _Entry:
         return self.cache.nbytes if self.cache is not None else 0
 
 
+def _usable(e: _Entry, ids: list[int]) -> int:
+    """Whole blocks of `ids` the entry holds, leaving at least one token of `ids` to run."""
+    return min(common_prefix(e.ids, ids), len(ids) - 1) // BLOCK * BLOCK
+
+
 class HeadCacheStore:
     def __init__(self, budget_bytes: int, max_entries: int = 16) -> None:
         self.budget, self.max_entries = budget_bytes, max_entries
@@ -44,24 +49,19 @@ class HeadCacheStore:
 
     def reusable(self, ids: list[int]) -> dict[int, int]:
         """Per split, how many leading positions of `ids` an entry could serve (without taking it)."""
-        limit = (len(ids) - 1) // BLOCK * BLOCK
         out: dict[int, int] = {}
         with self._lock:
             for e in self._entries:
-                n = min(common_prefix(e.ids, ids), limit) // BLOCK * BLOCK
-                out[e.split] = max(out.get(e.split, 0), n)
+                out[e.split] = max(out.get(e.split, 0), _usable(e, ids))
         return {k: n for k, n in out.items() if n}
 
     def take(self, split: int, ids: list[int]) -> tuple[KVCache | None, int]:
         """The entry at `split` sharing the longest whole-block prefix with `ids` (leaving at least one
         token to run), removed from the store: (its cache, how many positions are usable)."""
-        limit = (len(ids) - 1) // BLOCK * BLOCK
         with self._lock:
             best, best_len = None, 0
             for e in self._entries:
-                if e.split != split:
-                    continue
-                n = min(common_prefix(e.ids, ids), limit) // BLOCK * BLOCK
+                n = _usable(e, ids) if e.split == split else 0
                 if n > best_len:
                     best, best_len = e, n
             if best is None:

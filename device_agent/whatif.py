@@ -67,8 +67,8 @@ def _constraints(a: argparse.Namespace) -> part.Constraints:
     if not 0.0 <= a.min_agreement <= 1.0:
         raise ValueError(f"--min-agreement must be in [0, 1], got {a.min_agreement}")
     table = codec_accuracy.load(a.model) if a.min_agreement > 0 else None
-    agreement = {c: {k: e.agreement for k, e in row.items()} for c, row in table.table.items()} if table else None
-    return part.Constraints(a.min_device_layers, None, tuple(a.codecs.split(",")), a.min_agreement, agreement)
+    return part.Constraints(a.min_device_layers, None, tuple(a.codecs.split(",")), a.min_agreement,
+                            table.agreements() if table else None)
 
 
 def table(plan: part.Plan) -> str:
