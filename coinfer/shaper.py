@@ -71,6 +71,7 @@ class Shaper:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def set(self, rate_bits: float | None = None, delay: float | None = None) -> None:
         """Change the link now; chunks already on the wire keep their timing."""
@@ -95,12 +96,14 @@ class Shaper:
         return self.port
 
     def stop(self) -> None:
-        """Close the listener and every proxied connection."""
+        """Close the listener and cut every proxied connection (both ends see a reset at once)."""
         if self._loop is None:
             return
 
         async def shutdown() -> None:
             self._server.close()
+            for w in self._writers:
+                w.transport.abort()
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
                 t.cancel()
@@ -117,12 +120,16 @@ class Shaper:
         except OSError:
             writer.close()
             return
+        self._writers.update((writer, up_writer))
         for w in (writer, up_writer):
             sock = w.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.gather(self._pipe(reader, up_writer, self.up), self._pipe(up_reader, writer, self.down),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, self.up), self._pipe(up_reader, writer, self.down),
+                                 return_exceptions=True)
+        finally:
+            self._writers.difference_update((writer, up_writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link) -> None:
         queue: asyncio.Queue = asyncio.Queue()

@@ -15,6 +15,8 @@ from coinfer.v1 import edge_pb2_grpc
 
 # statuses after which the session is gone but the edge (or another) may take a replay
 # (CANCELLED: we never read after cancelling ourselves, so it means the edge dropped the stream)
+STATUS_KEY = "coinfer-status"  # trailing metadata: the edge's status code again (see edge_server.service)
+STREAM_BROKEN = "Stream removed"  # grpc-core's details for a stream reset below the gRPC layer
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND,
                        grpc.StatusCode.CANCELLED})
 
@@ -35,12 +37,20 @@ class EdgeError(RuntimeError):
     def from_rpc(cls, e: grpc.RpcError) -> "EdgeError":
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = e.details() if hasattr(e, "details") else str(e)
-        retry_after = None
+        retry_after, trailers = None, {}
         try:
-            hint = dict(e.trailing_metadata() or ()).get("retry-after-ms")
+            trailers = dict(e.trailing_metadata() or ())
+            hint = trailers.get("retry-after-ms")
             retry_after = int(hint) / 1000 if hint is not None else None
         except (AttributeError, TypeError, ValueError):
             pass  # no trailing metadata (connection-level failure) or a hint we cannot read
+        told = grpc.StatusCode.__members__.get(str(trailers.get(STATUS_KEY, "")))
+        if told is not None and told != code:  # a proxy reset the stream after the edge's error status
+            code, details = told, f"{details} (the edge said {told.name}; a proxy reset the stream)"
+        elif code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and (details or "").startswith(STREAM_BROKEN):
+            # a proxy between us reset the stream (nginx: RST_STREAM when its upstream replica died,
+            # HAProxy: END_STREAM with no status): the session is lost, not refused
+            code, details = grpc.StatusCode.UNAVAILABLE, f"stream broken on the way to the edge ({details})"
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", retry_after)
 
 
@@ -72,8 +82,10 @@ class EdgeStream:
         self._out: queue.Queue[pb.DeviceMessage | None] = queue.Queue()
         self.bytes_up = self.bytes_down = self.messages_up = self.messages_down = 0
         self.send(pb.DeviceMessage(open=open_msg))
-        self._call = stub.Generate(iter(self._out.get, None), timeout=timeout,
-                                   metadata=(("x-session-id", open_msg.session_id), *metadata))
+        # the session id in metadata: proxies route every stream of one session to one replica
+        # (nginx / HAProxy hash x-session-id; Ray Serve's gRPC proxy reads session_id)
+        affinity = (("x-session-id", open_msg.session_id), ("session_id", open_msg.session_id))
+        self._call = stub.Generate(iter(self._out.get, None), timeout=timeout, metadata=(*affinity, *metadata))
 
     def send(self, msg: pb.DeviceMessage) -> None:
         self.bytes_up += msg.ByteSize()
@@ -94,6 +106,10 @@ class EdgeStream:
         if kind != expect:
             raise EdgeError(grpc.StatusCode.INTERNAL, f"protocol error: expected {expect}, edge sent {kind}")
         return getattr(msg, kind)
+
+    def done_sending(self) -> None:
+        """Half-close: the edge answers the rest without more requests (it ends its reply only then)."""
+        self._out.put(None)
 
     def close(self) -> None:
         self._out.put(None)  # half-close: no more requests

@@ -21,6 +21,8 @@ class AgentMetrics:
         self.split_layer = Gauge("coinfer_split_layer", "Split layer of the latest request", registry=r)
         self.tokens = Counter("coinfer_generated_tokens", "Tokens generated", ["split_kind"], registry=r)
         self.replays = Counter("coinfer_replays", "Edge sessions reopened and replayed", registry=r)
+        self.resumes = Counter("coinfer_resumes", "Edge sessions that went on from the edge's own cache after a "
+                               "broken stream (no replay)", registry=r)
         self.busy_retries = Counter("coinfer_busy_retries", "Sessions retried after the edge said it was full",
                                     registry=r)
         self.cached_tokens = Counter("coinfer_prefix_reused_tokens", "Prompt positions the edge still held "

@@ -28,9 +28,11 @@ class _Entry:
         return self.cache.nbytes if self.cache is not None else 0
 
 
-def _usable(e: _Entry, ids: list[int]) -> int:
-    """Whole blocks of `ids` the entry holds, leaving at least one token of `ids` to run."""
-    return min(common_prefix(e.ids, ids), len(ids) - 1) // BLOCK * BLOCK
+def _usable(e: _Entry, ids: list[int], exact: bool = False) -> int:
+    """Whole blocks of `ids` the entry holds (every position it holds when `exact`: a resume of the
+    same session), leaving at least one token of `ids` to run."""
+    n = min(common_prefix(e.ids, ids), len(ids) - 1)
+    return n if exact else n // BLOCK * BLOCK
 
 
 class HeadCacheStore:
@@ -55,13 +57,14 @@ class HeadCacheStore:
                 out[e.split] = max(out.get(e.split, 0), _usable(e, ids))
         return {k: n for k, n in out.items() if n}
 
-    def take(self, split: int, ids: list[int]) -> tuple[KVCache | None, int]:
-        """The entry at `split` sharing the longest whole-block prefix with `ids` (leaving at least one
-        token to run), removed from the store: (its cache, how many positions are usable)."""
+    def take(self, split: int, ids: list[int], exact: bool = False) -> tuple[KVCache | None, int]:
+        """The entry at `split` sharing the longest whole-block prefix with `ids` (any length when
+        `exact`), leaving at least one token to run, removed from the store: (its cache, how many
+        positions are usable)."""
         with self._lock:
             best, best_len = None, 0
             for e in self._entries:
-                n = _usable(e, ids) if e.split == split else 0
+                n = _usable(e, ids, exact) if e.split == split else 0
                 if n > best_len:
                     best, best_len = e, n
             if best is None:

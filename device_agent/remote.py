@@ -5,7 +5,9 @@ edge answers how much it still holds from an earlier turn, and only the rest cro
 link. The head's own KV for that prefix comes from the device's HeadCacheStore.
 When a session is lost (edge restart, eviction: UNAVAILABLE, ABORTED, ...) it is reopened
 and the token history replayed; `replays` bounds the attempts in a row that produce no
-token. When the edge is full (RESOURCE_EXHAUSTED) the request waits the edge's retry hint,
+token. A stream that broke while the edge may still hold the session (a proxy in between
+reset it) is first reopened as a resume of the same session id, from the exact position;
+an edge (replica) that does not hold it answers NOT_FOUND and the device replays at once. When the edge is full (RESOURCE_EXHAUSTED) the request waits the edge's retry hint,
 with jittered exponential backoff, up to `busy_wait_seconds`. Then, or with replays spent,
 a device that holds all layers finishes the request itself; otherwise the error goes to
 the app (503 with Retry-After).
@@ -52,11 +54,12 @@ class EdgeRunner:
         """Tokens of req at split k; `local(history, max_new)` finishes on the device when the edge fails."""
         history = list(req.prompt_ids)  # every token the edge session must hold
         generated, idle_replays, busy_since = 0, 0, None
+        sid, resume = uuid.uuid4().hex, False  # one id for every stream of this request: affinity
         while True:
             before = generated
             try:
                 for token, logprob, finish in self._session(req, k, codec, stop_ids, history,
-                                                            req.max_tokens - generated, stats):
+                                                            req.max_tokens - generated, stats, sid, resume):
                     history.append(token)
                     generated += 1
                     yield token, logprob, finish
@@ -65,6 +68,12 @@ class EdgeRunner:
                 self.metrics.edge_errors.labels(e.code.name).inc()
                 if generated > before:
                     idle_replays, busy_since = 0, None
+                resumed, resume = resume, False
+                if resumed and e.code == grpc.StatusCode.NOT_FOUND:  # not on this replica: replay now
+                    stats.replays += 1
+                    self.metrics.replays.inc()
+                    log.info("edge does not hold session %s (%s); replaying %d tokens", sid, e.details, len(history))
+                    continue
                 if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     busy_since = busy_since or time.monotonic()
                     if self._other_edge(e):  # another edge may have room: no need to wait
@@ -74,10 +83,14 @@ class EdgeRunner:
                         continue
                 elif e.retryable and idle_replays < self.settings.replays:
                     idle_replays += 1
-                    stats.replays += 1
-                    self.metrics.replays.inc()
-                    log.warning("edge session lost (%s); replaying %d tokens", e, len(history))
                     moved = e.code in FAILOVER and self._other_edge(e)
+                    # the stream broke, the session may live on where it ran: try to go on from it
+                    resume = e.code in FAILOVER and not moved and self.head_caches is not None
+                    if not resume:
+                        stats.replays += 1
+                        self.metrics.replays.inc()
+                    log.warning("edge session lost (%s); %s %d tokens", e, "resuming" if resume else "replaying",
+                                len(history))
                     if e.code != grpc.StatusCode.ABORTED and not moved:  # ABORTED: evicted, the edge is up
                         time.sleep(min(0.2 * 2 ** idle_replays, 2.0))
                     continue
@@ -110,27 +123,35 @@ class EdgeRunner:
         return True
 
     # -- one session -----------------------------------------------------------------------------
-    def _open(self, req, k: int, codec: str, stop_ids, history: list[int], max_new: int):
-        """Open a session offering the prefixes the device can go on from.
+    def _open(self, req, k: int, codec: str, stop_ids, history: list[int], max_new: int, sid: str,
+              resume: bool):
+        """Open a session offering the prefixes the device can go on from (or, resuming, the exact
+        position the session got to).
 
         Returns (stream, positions the edge holds, head cache or None at k = 0, prefix chain or None).
         """
         sp, cache, usable, chain, offers = req.sampling, None, 0, None, []
         if self.head_caches is not None:
-            cache, usable = self.head_caches.take(k, history)
+            cache, usable = self.head_caches.take(k, history, exact=resume)
             chain = prefix.PrefixChain.over(
                 prefix.seed(self.head.fingerprint, k, codec, self.head.model.precision), history)
-            offers = [(chain.blocks[n // prefix.BLOCK - 1], n) for n in prefix.offer_lengths(usable)]
+            if not resume:
+                offers = [(chain.blocks[n // prefix.BLOCK - 1], n) for n in prefix.offer_lengths(usable)]
         if k > 0 and cache is None:
             cache = self.head.view(k).new_cache()
         open_msg = pb.Open(
-            session_id=uuid.uuid4().hex, fingerprint=self.head.fingerprint, split=k, codec=codec,
+            session_id=sid, fingerprint=self.head.fingerprint, split=k, codec=codec,
             sampling=pb.Sampling(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed),
-            max_new_tokens=max_new, stop_ids=sorted(stop_ids),
+            max_new_tokens=max_new, stop_ids=sorted(stop_ids), resume_tokens=usable if resume else 0,
             prefix_hashes=[h for h, _ in offers], prefix_lengths=[n for _, n in offers])
-        stream, opened = self.edge.open(open_msg)
+        try:
+            stream, opened = self.edge.open(open_msg)
+        except EdgeError:
+            if self.head_caches is not None:
+                self.head_caches.put(k, history, cache)  # the next attempt goes on from it
+            raise
         held = opened.cached_tokens
-        if held and held not in {n for _, n in offers}:
+        if held and held not in {n for _, n in offers} | {open_msg.resume_tokens}:
             stream.close()
             raise EdgeError(grpc.StatusCode.INTERNAL, f"protocol error: edge holds {held} positions, "
                                                       f"offered {[n for _, n in offers]}")
@@ -148,11 +169,19 @@ class EdgeRunner:
             msg.chain_state = chain.state
         return pb.DeviceMessage(prefill=msg)
 
-    def _session(self, req, k: int, codec: str, stop_ids, history: list[int], max_new: int, stats) -> TokenSource:
+    def _session(self, req, k: int, codec: str, stop_ids, history: list[int], max_new: int, stats, sid: str,
+                 resume: bool) -> TokenSource:
         t0 = time.perf_counter()
-        stream, held, cache, chain = self._open(req, k, codec, stop_ids, history, max_new)
+        stream, held, cache, chain = self._open(req, k, codec, stop_ids, history, max_new, sid, resume)
         stats.edge_wait += time.perf_counter() - t0
-        stats.cached_tokens += held
+        if resume and held:
+            stats.resumes += 1
+            self.metrics.resumes.inc()
+        else:
+            stats.cached_tokens += held
+            if resume:  # nothing kept on the device to go on from: this is a replay
+                stats.replays += 1
+                self.metrics.replays.inc()
         fed = list(history)  # tokens whose keys and values the edge's (and the head's) cache will hold
         try:
             view = self.head.view(k) if k > 0 else None
@@ -160,6 +189,8 @@ class EdgeRunner:
             stats.prefill_bytes_up += prefill.ByteSize()
             sent, sent_bytes, quiet = time.perf_counter(), prefill.ByteSize(), self.planner.quiet(1)
             stream.send(prefill)
+            if k == 0:
+                stream.done_sending()  # the edge generates on its own
             while True:
                 t0 = time.perf_counter()
                 tok = stream.recv("token")
@@ -174,9 +205,11 @@ class EdgeRunner:
                                                   tm.compute_seconds + tm.queue_seconds + tm.decode_seconds), quiet)
                     sent_bytes = 0
                 finish = FINISH.get(tok.finish_reason)
+                if finish:
+                    stream.done_sending()
+                    stream.recv("done")
                 yield tok.id, tok.logprob, finish
                 if finish:
-                    stream.recv("done")
                     return
                 fed.append(tok.id)  # the edge's cache takes it in with the next step
                 if k > 0:

@@ -39,6 +39,12 @@ class EdgeMetrics:
         self.prefix_bytes_saved = Counter("coinfer_prefix_saved_bytes", "Uplink bytes the devices did not send "
                                           "thanks to reuse (reused positions x the session's frame bytes per "
                                           "position)", registry=r)
+        self.sessions_opened = Counter("coinfer_sessions_opened", "Sessions opened on this replica: new (or a "
+                                       "replay), or resumed from its own kept cache after a broken stream",
+                                       ["how"], registry=r)
+        self.session_misses = Counter("coinfer_session_misses", "Resumes asked for a session this replica does "
+                                      "not hold (ran elsewhere, restart, eviction): each makes the device replay",
+                                      registry=r)
         self.queue_seconds = Histogram(
             "coinfer_queue_seconds", "Wait for the model per forward", buckets=LATENCY_BUCKETS, registry=r
         )

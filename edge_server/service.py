@@ -23,6 +23,9 @@ from edge_server.tail import TailRunner, TailSession, Timings
 
 log = logging.getLogger("coinfer.edge")
 MAX_OFFERS = 64  # prefixes one Open may offer for reuse
+REPLAY_KEY = "coinfer-replay"  # trailing metadata of NOT_FOUND on a resume: the device must replay
+STATUS_KEY = "coinfer-status"  # every error's code again, in trailing metadata: HAProxy replaces the
+#                                status of a stream it resets with CANCELLED but passes the metadata on
 STOP, LENGTH, MORE = pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_UNSPECIFIED
 
 
@@ -31,9 +34,12 @@ class ClientGone(Exception):
 
 
 class Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code, self.message, self.retry_after = code, message, retry_after
+        self.metadata = ((STATUS_KEY, code.name), *metadata,
+                         *((("retry-after-ms", str(int(retry_after * 1000))),) if retry_after is not None else ()))
 
 
 def timings_pb(t: Timings) -> pb.EdgeTimings:
@@ -45,6 +51,19 @@ def _next(requests: Iterator[pb.DeviceMessage]) -> pb.DeviceMessage:
         return next(requests)
     except StopIteration:  # must not escape a generator (PEP 479)
         raise ClientGone() from None
+    except grpc.RpcError:  # the RPC was cancelled (connection reset): the cache is consistent, keep it
+        raise ClientGone() from None
+
+
+def _until_half_closed(requests: Iterator[pb.DeviceMessage]) -> None:
+    """End the response only after the device's half-close: a proxy in between (HAProxy) resets a
+    stream whose response ends first, and the device would lose the last messages. Devices
+    half-close on the last token (at split 0, right after the Prefill)."""
+    try:
+        for _ in requests:
+            pass
+    except grpc.RpcError:
+        pass
 
 
 def frame_tokens(frame: bytes) -> int:
@@ -111,8 +130,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         except Abort as e:
             outcome = e.code.name.lower()
             log.info("session aborted: %s %s", e.code.name, e.message)
-            if e.retry_after is not None:
-                context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after * 1000))),))
+            context.set_trailing_metadata(e.metadata)
             context.abort(e.code, e.message)
         except (ClientGone, grpc.RpcError):
             outcome = "client_gone"
@@ -153,17 +171,21 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         session = self._open(op)
         session.owner = owner
         keep = False
+        if op.resume_tokens:
+            self.sessions.wait_released(op.session_id, owner, timeout=2.0)
         try:
             with self.sessions.hold(op.session_id, session):
                 try:
-                    session.cached_tokens = self._claim(session, op)
+                    session.cached_tokens = self._resume(session, op) if op.resume_tokens else self._claim(session, op)
+                    self.metrics.sessions_opened.labels("resumed" if op.resume_tokens else "new").inc()
                     self.metrics.split_layer.observe(op.split)
                     self.update_gauges()
-                    yield self._send(pb.EdgeMessage(opened=pb.Opened(session_id=op.session_id, limits=self.limits(),
-                                                                     cached_tokens=session.cached_tokens)))
+                    yield self._send(pb.EdgeMessage(opened=pb.Opened(
+                        session_id=op.session_id, limits=self.limits(), cached_tokens=session.cached_tokens,
+                        resumed=bool(op.resume_tokens))))
                     keep = True  # a device that goes away early still leaves a consistent cache
                     yield from self._run(session, op, requests, gone)
-                except ClientGone:
+                except (ClientGone, GeneratorExit):  # GeneratorExit: the RPC ended while we waited to send
                     raise
                 except BaseException:
                     keep = False
@@ -195,6 +217,9 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         if not 1 <= op.max_new_tokens <= self.settings.max_new_tokens:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"max_new_tokens must be in 1..{self.settings.max_new_tokens}, got {op.max_new_tokens}")
+        if op.resume_tokens >= self.max_context:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"resume_tokens {op.resume_tokens} is beyond the context limit of {self.max_context} tokens")
         if len(op.prefix_hashes) != len(op.prefix_lengths) or len(op.prefix_hashes) > MAX_OFFERS \
                 or any(len(h) != DIGEST for h in op.prefix_hashes):
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -209,6 +234,15 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         return self.runner.new_session(op.split, op.codec if op.split > 0 else "token_ids", params, op.session_id,
                                        op.max_new_tokens)
+
+    def _resume(self, s: TailSession, op: pb.Open) -> int:
+        """Positions the session goes on from (its own kept cache), or NOT_FOUND: the device replays."""
+        if not self.sessions.resume(s, op.resume_tokens):
+            self.metrics.session_misses.inc()
+            raise Abort(grpc.StatusCode.NOT_FOUND,
+                        f"session {op.session_id!r} is not held by this edge (it ran on another replica, or this one "
+                        f"restarted or evicted it): replay its history", metadata=((REPLAY_KEY, "session-missing"),))
+        return op.resume_tokens
 
     def _claim(self, s: TailSession, op: pb.Open) -> int:
         """Positions of a kept cache this session starts from (0 when reuse is off or nothing matches)."""
@@ -266,6 +300,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
                     yield self._send(pb.EdgeMessage(done=pb.Done(
                         finish_reason=finish, prompt_tokens=s.prompt_tokens, generated_tokens=s.generated,
                         total=timings_pb(s.total))))
+                    _until_half_closed(requests)
                     return
                 if gone.is_set():
                     return

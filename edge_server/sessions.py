@@ -7,7 +7,9 @@ live sessions that are idle (waiting for their device, not in a batch). An evict
 session is marked; its next step is refused with ABORTED, and the device replays its
 token history. Finished sessions' caches are kept, indexed by their prefix block hashes
 (coinfer.prefix), until the budget needs the room or they expire; `claim` hands the
-longest matching one to a new session.
+longest matching one to a new session. They are indexed by session id too: a session whose
+stream broke while this edge stayed up (a proxy in between restarted, a connection reset)
+is resumed from its own cache by `resume`, to the exact position, without a replay.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Kept:
     codec: str
     hashes: list[bytes]  # block hashes of the prefixes it holds: (i + 1) * BLOCK tokens
     owner: str = ""  # only sessions of the same client identity may claim it
+    session_id: str = ""  # the session it came from: `resume` finds it by this
     kept_at: float = field(default_factory=time.monotonic)
 
 
@@ -59,6 +62,8 @@ class StoreStats:
     expired: int = 0
     prefix_hits: int = 0
     prefix_tokens: int = 0  # positions reused instead of recomputed
+    resumed: int = 0  # sessions that went on from their own kept cache
+    missing: int = 0  # resumes asked for a session not held here (the device replays)
 
 
 class SessionStore:
@@ -69,6 +74,7 @@ class SessionStore:
         self._sessions: dict[str, TailSession] = {}
         self._kept: OrderedDict[int, Kept] = OrderedDict()  # least recently kept first
         self._index: dict[tuple[str, bytes], int] = {}  # (owner, block hash) -> id(Kept)
+        self._by_session: dict[tuple[str, str], int] = {}  # (owner, session id) -> id(Kept)
         self._bytes = self.peak_bytes = 0
         self.stats = StoreStats()
         self._lock = threading.RLock()
@@ -106,6 +112,17 @@ class SessionStore:
             with self._lock:
                 self._sessions.pop(session_id, None)
                 self._free(session.cache)
+
+    def wait_released(self, session_id: str, owner: str, timeout: float) -> None:
+        """Wait until a live session of this id and owner ends: the device reopens a session whose
+        stream broke, and this edge may learn of the break a moment after the device does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                s = self._sessions.get(session_id)
+                if s is None or s.owner != owner:
+                    return
+            time.sleep(0.01)
 
     def pin(self, s: TailSession) -> None:
         """Mark a session as having work queued (not evictable). Raises SessionEvicted."""
@@ -161,23 +178,43 @@ class SessionStore:
 
     # -- prefix reuse -----------------------------------------------------------------------
     def keep(self, s: TailSession) -> bool:
-        """Keep a finished session's cache for prefix reuse; its live session no longer owns it."""
-        if s.chain is None or s.evicted:
+        """Keep a finished (or broken-off) session's cache for prefix reuse and resume; its live
+        session no longer owns it."""
+        if s.chain is None or s.evicted or not s.cache.length:
             return False
         hashes = s.chain.blocks_within(s.cache.length)
-        if not hashes:
-            return False
         with self._lock:
-            kept = Kept(KVCache(0, 0, 0), s.split, s.codec, hashes, s.owner)
+            kept = Kept(KVCache(0, 0, 0), s.split, s.codec, hashes, s.owner, s.session_id)
             kept.cache, s.cache = s.cache, kept.cache  # the live session ends holding an empty cache
             names = [(s.owner, h) for h in hashes]
             older = {self._index[n] for n in names if n in self._index}
+            if (s.owner, s.session_id) in self._by_session:  # an earlier stream of the same session
+                older.add(self._by_session[(s.owner, s.session_id)])
             self._kept[id(kept)] = kept
             self._index.update((n, id(kept)) for n in names)
+            self._by_session[(s.owner, s.session_id)] = id(kept)
             for key in older:  # an older cache of a prefix of this one serves nothing the new one can't
                 old = self._kept.get(key)
-                if old is not None and not any(self._index.get((old.owner, h)) == key for h in old.hashes):
+                if old is not None and not any(self._index.get((old.owner, h)) == key for h in old.hashes) \
+                        and self._by_session.get((old.owner, old.session_id)) != key:
                     self._drop_kept(key)
+            return True
+
+    def resume(self, s: TailSession, positions: int) -> bool:
+        """Give s the kept cache of its own session id (same owner, split and codec), truncated to
+        `positions`; False when this edge does not hold that session (the device must replay)."""
+        with self._lock:
+            key = self._by_session.get((s.owner, s.session_id))
+            kept = self._kept.get(key) if key is not None else None
+            if kept is None or kept.split != s.split or kept.codec != s.codec or kept.cache.length < positions:
+                self.stats.missing += 1
+                return False
+            self._drop_kept(key, free=False)
+            self._free(s.cache)
+            s.cache, s.chain_blocks = kept.cache, kept.hashes[: positions // BLOCK]
+            s.cache.truncate(positions)
+            self._bytes += s.cache.nbytes
+            self.stats.resumed += 1
             return True
 
     def claim(self, s: TailSession, offers: list[tuple[bytes, int]]) -> int:
@@ -210,6 +247,8 @@ class SessionStore:
         for h in kept.hashes:
             if self._index.get((kept.owner, h)) == key:
                 del self._index[(kept.owner, h)]
+        if self._by_session.get((kept.owner, kept.session_id)) == key:
+            del self._by_session[(kept.owner, kept.session_id)]
         self._bytes -= kept.cache.nbytes
         if free:
             kept.cache.clear()

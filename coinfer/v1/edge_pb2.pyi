@@ -141,7 +141,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("session_id", "fingerprint", "split", "codec", "sampling", "max_new_tokens", "stop_ids", "prefix_hashes", "prefix_lengths")
+    __slots__ = ("session_id", "fingerprint", "split", "codec", "sampling", "max_new_tokens", "stop_ids", "prefix_hashes", "prefix_lengths", "resume_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class Open(_message.Message):
     STOP_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fingerprint: str
     split: int
@@ -160,7 +161,8 @@ class Open(_message.Message):
     stop_ids: _containers.RepeatedScalarFieldContainer[int]
     prefix_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     prefix_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., prefix_hashes: _Optional[_Iterable[bytes]] = ..., prefix_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    resume_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., prefix_hashes: _Optional[_Iterable[bytes]] = ..., prefix_lengths: _Optional[_Iterable[int]] = ..., resume_tokens: _Optional[int] = ...) -> None: ...
 
 class Prefill(_message.Message):
     __slots__ = ("frame", "token_ids", "block_hashes", "chain_state")
@@ -201,14 +203,16 @@ class EdgeTimings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "cached_tokens", "limits")
+    __slots__ = ("session_id", "cached_tokens", "limits", "resumed")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     cached_tokens: int
     limits: Limits
-    def __init__(self, session_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    resumed: bool
+    def __init__(self, session_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., resumed: _Optional[bool] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("id", "logprob", "position", "timings", "finish_reason")
