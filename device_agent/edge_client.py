@@ -81,6 +81,7 @@ class EdgeStream:
                  metadata: tuple = ()) -> None:
         self._out: queue.Queue[pb.DeviceMessage | None] = queue.Queue()
         self.bytes_up = self.bytes_down = self.messages_up = self.messages_down = 0
+        self.replica = ""  # Opened.replica
         self.send(pb.DeviceMessage(open=open_msg))
         # the session id in metadata: proxies route every stream of one session to one replica
         # (nginx / HAProxy hash x-session-id; Ray Serve's gRPC proxy reads session_id)

@@ -63,6 +63,7 @@ class RunStats:
     cached_tokens: int = 0  # prompt positions the edge still held from an earlier turn (not sent)
     replays: int = 0
     resumes: int = 0  # broken streams the edge went on from without a replay
+    replica: str = ""  # the edge process (host:pid) that served the last stream
     busy_retries: int = 0
     fallback: bool = False
     device_compute: float = 0.0
@@ -87,7 +88,7 @@ class RunStats:
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
             "prefill_bytes_up": self.prefill_bytes_up, "step_bytes_up": self.step_bytes_up,
             "messages_up": self.messages_up, "messages_down": self.messages_down,
-            "cached_tokens": self.cached_tokens, "replays": self.replays, "resumes": self.resumes,
+            "cached_tokens": self.cached_tokens, "replays": self.replays, "resumes": self.resumes, "edge_replica": self.replica,
             "busy_retries": self.busy_retries,
             "local_fallback": self.fallback,
             "timings": {

@@ -157,6 +157,7 @@ class EdgeRunner:
                                                       f"offered {[n for _, n in offers]}")
         if cache is not None:
             cache.truncate(held)
+        stream.replica = opened.replica
         return stream, held, cache, chain
 
     def _prefill(self, k: int, history: list[int], held: int, cache: KVCache | None, chain, codec: str,
@@ -174,6 +175,7 @@ class EdgeRunner:
         t0 = time.perf_counter()
         stream, held, cache, chain = self._open(req, k, codec, stop_ids, history, max_new, sid, resume)
         stats.edge_wait += time.perf_counter() - t0
+        stats.replica = stream.replica
         if resume and held:
             stats.resumes += 1
             self.metrics.resumes.inc()

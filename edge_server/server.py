@@ -39,14 +39,20 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def build_service(settings: EdgeSettings) -> EdgeService:
+    """The servicer with its model, sessions and scheduler (no server): EdgeServer and the Ray Serve
+    replica (edge_server.ray_serve) both serve one."""
+    if settings.torch_threads:
+        compute.set_num_threads(settings.torch_threads)
+    runner = TailRunner(settings.model_dir, settings.min_split, settings.max_frame_bytes, settings.weights,
+                        settings.profile_dir or None, settings.profile, settings.kv_chunk_tokens)
+    return EdgeService(runner, settings, EdgeMetrics())
+
+
 class EdgeServer:
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings
-        if settings.torch_threads:
-            compute.set_num_threads(settings.torch_threads)
-        runner = TailRunner(settings.model_dir, settings.min_split, settings.max_frame_bytes, settings.weights,
-                            settings.profile_dir or None, settings.profile, settings.kv_chunk_tokens)
-        self.service = EdgeService(runner, settings, EdgeMetrics())
+        self.service = build_service(settings)
         self.health = health.HealthServicer()
         tokens = [t.strip() for t in settings.auth_tokens.split(",") if t.strip()]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),

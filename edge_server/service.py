@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from edge_server.sessions import SessionEvicted, SessionExistsError, SessionLimi
 from edge_server.tail import TailRunner, TailSession, Timings
 
 log = logging.getLogger("coinfer.edge")
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # names this edge process in Opened
 MAX_OFFERS = 64  # prefixes one Open may offer for reuse
 REPLAY_KEY = "coinfer-replay"  # trailing metadata of NOT_FOUND on a resume: the device must replay
 STATUS_KEY = "coinfer-status"  # every error's code again, in trailing metadata: HAProxy replaces the
@@ -126,7 +129,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         context.add_callback(gone.set)  # runs when the RPC ends, including a client that vanished
         outcome = "ok"
         try:
-            yield from self._session(self._counted(request_iterator), gone, security.identity(context))
+            yield from self._session(self._counted(request_iterator), gone, security.identity(context), context)
         except Abort as e:
             outcome = e.code.name.lower()
             log.info("session aborted: %s %s", e.code.name, e.message)
@@ -163,13 +166,16 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
                 counter.inc(value - last)
                 self._counted_stats[id(counter)] = value
 
-    def _session(self, requests, gone: threading.Event, owner: str) -> Iterator[pb.EdgeMessage]:
+    def _session(self, requests, gone: threading.Event, owner: str, context=None) -> Iterator[pb.EdgeMessage]:
         first = _next(requests)
         if first.WhichOneof("kind") != "open":
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"the first message must be Open, got {first.WhichOneof('kind')}")
         op = first.open
         session = self._open(op)
         session.owner = owner
+        # a resume of this session ends this stream: at split 0 the loop checks `gone`; a bridge that
+        # feeds the requests itself (edge_server.ray_serve) also ends them
+        session.stop = lambda: (gone.set(), getattr(context, "interrupt", lambda: None)())
         keep = False
         if op.resume_tokens:
             self.sessions.wait_released(op.session_id, owner, timeout=2.0)
@@ -182,7 +188,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
                     self.update_gauges()
                     yield self._send(pb.EdgeMessage(opened=pb.Opened(
                         session_id=op.session_id, limits=self.limits(), cached_tokens=session.cached_tokens,
-                        resumed=bool(op.resume_tokens))))
+                        resumed=bool(op.resume_tokens), replica=REPLICA)))
                     keep = True  # a device that goes away early still leaves a consistent cache
                     yield from self._run(session, op, requests, gone)
                 except (ClientGone, GeneratorExit):  # GeneratorExit: the RPC ended while we waited to send

@@ -115,13 +115,17 @@ class SessionStore:
 
     def wait_released(self, session_id: str, owner: str, timeout: float) -> None:
         """Wait until a live session of this id and owner ends: the device reopens a session whose
-        stream broke, and this edge may learn of the break a moment after the device does."""
-        deadline = time.monotonic() + timeout
+        stream broke, and this edge may learn of the break after the device does (or never, behind
+        a proxy that does not pass the cancel on). The old stream is told to stop."""
+        deadline, told = time.monotonic() + timeout, False
         while time.monotonic() < deadline:
             with self._lock:
                 s = self._sessions.get(session_id)
                 if s is None or s.owner != owner:
                     return
+            if not told and s.stop is not None:
+                s.stop()
+                told = True
             time.sleep(0.01)
 
     def pin(self, s: TailSession) -> None:
@@ -180,9 +184,9 @@ class SessionStore:
     def keep(self, s: TailSession) -> bool:
         """Keep a finished (or broken-off) session's cache for prefix reuse and resume; its live
         session no longer owns it."""
-        if s.chain is None or s.evicted or not s.cache.length:
+        if s.evicted or not s.cache.length:
             return False
-        hashes = s.chain.blocks_within(s.cache.length)
+        hashes = s.chain.blocks_within(s.cache.length) if s.chain is not None else []  # [] : resume only
         with self._lock:
             kept = Kept(KVCache(0, 0, 0), s.split, s.codec, hashes, s.owner, s.session_id)
             kept.cache, s.cache = s.cache, kept.cache  # the live session ends holding an empty cache

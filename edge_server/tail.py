@@ -10,6 +10,8 @@ serves in Describe, and it tracks its recent queue wait as the load the device p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import threading
 import time
 from collections import deque
@@ -62,6 +64,7 @@ class TailSession:
     pins: int = 0  # work items queued or running: not evictable
     evicted: str = ""  # why the cache was evicted ("" = not evicted)
     decoding: bool = False
+    stop: Callable[[], None] | None = None  # ends its stream's handling: a resume of the same session came
 
     @property
     def position(self) -> int:

@@ -203,16 +203,18 @@ class EdgeTimings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "cached_tokens", "limits", "resumed")
+    __slots__ = ("session_id", "cached_tokens", "limits", "resumed", "replica")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     cached_tokens: int
     limits: Limits
     resumed: bool
-    def __init__(self, session_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., resumed: _Optional[bool] = ...) -> None: ...
+    replica: str
+    def __init__(self, session_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., resumed: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("id", "logprob", "position", "timings", "finish_reason")
