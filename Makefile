@@ -11,7 +11,7 @@ CODEC     ?= f16
 GEN_SPLIT ?= 15
 STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model proxies run generate test unit integration bench bench-partition bench-edge bench-codecs bench-soak protos clean
+.PHONY: setup model proxies run generate test unit integration bench bench-partition bench-edge bench-codecs bench-soak bench-scale protos clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,9 @@ bench: setup model
 
 bench-partition: setup model  # ~30 min: 24 shaped-link cells, every cut measured
 	$(BIN)/python benchmarks/partition_oracle.py --model $(MODEL_DIR)
+
+bench-scale: setup model proxies  # ~4 min: 1, 2, 3 edge replicas behind nginx, then a replica killed
+	$(BIN)/python benchmarks/scale_out.py --model $(MODEL_DIR)
 
 bench-edge: setup model  # ~12 min: concurrency with and without batching, 4-turn chat with and without reuse
 	$(BIN)/python benchmarks/edge_concurrency.py --model $(MODEL_DIR)

@@ -17,7 +17,7 @@ import pytest
 from coinfer.launcher import Proc, start_agent
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
-from tests.proxies import free_port
+from coinfer.proxies import free_port
 from tests.serving import open_msg
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from coinfer.launcher import start_agent, start_edge
-from tests.proxies import Proxy, ProxyMissing
+from coinfer.proxies import Proxy, ProxyMissing
 
 pytestmark = pytest.mark.integration
 N, TOKENS = 12, 64

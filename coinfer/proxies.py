@@ -1,7 +1,8 @@
 """Run the committed nginx / HAProxy configs (deploy/) on loopback in front of local edge replicas.
 
 The config files are the deployable ones (compose host names edge-N:50051, ops port 8081); this
-renders them with the replicas' loopback ports so that tests exercise exactly what users deploy.
+renders them with the replicas' loopback ports so that the scale-out tests and benchmark exercise
+exactly what users deploy. Needs a source checkout (deploy/ is not part of the wheel).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"  # the checkout's deploy/
 
 
 class ProxyMissing(RuntimeError):
@@ -49,6 +50,8 @@ class Proxy:
     """nginx or haproxy as a child process on a free loopback port."""
 
     def __init__(self, kind: str, replicas: list[tuple[str, str]], port: int = 0) -> None:
+        if not DEPLOY.is_dir():
+            raise ProxyMissing(f"no {DEPLOY}: run from a source checkout of coinfer")
         exe = shutil.which(kind) or (f"/usr/sbin/{kind}" if Path(f"/usr/sbin/{kind}").exists() else None)
         if exe is None:
             raise ProxyMissing(f"{kind} is not installed (apt-get install {'nginx-light' if kind == 'nginx' else kind})")
