@@ -7,8 +7,10 @@ When a session is lost (edge restart, eviction: UNAVAILABLE, ABORTED, ...) it is
 and the token history replayed; `replays` bounds the attempts in a row that produce no
 token. A stream that broke while the edge may still hold the session (a proxy in between
 reset it) is first reopened as a resume of the same session id, from the exact position;
-an edge (replica) that does not hold it answers NOT_FOUND and the device replays at once. When the edge is full (RESOURCE_EXHAUSTED) the request waits the edge's retry hint,
-with jittered exponential backoff, up to `busy_wait_seconds`. Then, or with replays spent,
+an edge (replica) that does not hold it answers NOT_FOUND and the device replays at once.
+Every stream of a request carries the same session id, so session-affine proxies keep it on
+one replica. When the edge is full (RESOURCE_EXHAUSTED) the request waits the edge's retry
+hint, with jittered exponential backoff, up to `busy_wait_seconds`. Then, or with replays spent,
 a device that holds all layers finishes the request itself; otherwise the error goes to
 the app (503 with Retry-After).
 """

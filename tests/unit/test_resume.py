@@ -43,6 +43,13 @@ def _run_and_break(engine, n: int, at: int, on_break) -> tuple[list[int], Result
     return got, result
 
 
+def _relink(links: list[Shaper], target: int, port: int) -> None:
+    """Cut every connection through the current link, then listen on the same port towards `target`."""
+    links[-1].stop()
+    links.append(Shaper(("127.0.0.1", target), listen=("127.0.0.1", port)))
+    links[-1].start()
+
+
 def _metric(server, name: str, **labels) -> float:
     return server.service.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
@@ -56,14 +63,8 @@ def test_a_broken_stream_resumes_from_the_edges_cache_without_replay(tiny_dirs, 
         engine = _engine(d, port, split)
         expected = greedy_reference(d, PROMPT, 24, engine.tokenizer.eos_token_ids)
         links = [link]
-
-        def cut() -> None:  # every connection through the link drops; a new link opens on the same port
-            links[-1].stop()
-            links.append(Shaper(("127.0.0.1", srv.grpc_port), listen=("127.0.0.1", port)))
-            links[-1].start()
-
-        try:
-            got, result = _run_and_break(engine, 24, 6, cut)
+        try:  # every connection through the link drops; a new link to the same edge opens on the same port
+            got, result = _run_and_break(engine, 24, 6, lambda: _relink(links, srv.grpc_port, port))
         finally:
             links[-1].stop()
         assert got == expected
@@ -81,14 +82,8 @@ def test_a_reopen_on_a_replica_without_the_session_replays(tiny_dirs, split):
         engine = _engine(d, port, split)
         expected = greedy_reference(d, PROMPT, 24, engine.tokenizer.eos_token_ids)
         links = [link]
-
-        def move() -> None:  # the route now leads to replica b, which never saw the session
-            links[-1].stop()
-            links.append(Shaper(("127.0.0.1", b.grpc_port), listen=("127.0.0.1", port)))
-            links[-1].start()
-
-        try:
-            got, result = _run_and_break(engine, 24, 6, move)
+        try:  # the route now leads to replica b, which never saw the session
+            got, result = _run_and_break(engine, 24, 6, lambda: _relink(links, b.grpc_port, port))
         finally:
             links[-1].stop()
         assert got == expected
