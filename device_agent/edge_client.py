@@ -78,15 +78,17 @@ class EdgeStream:
     """One Generate stream = one edge session. send() queues a message; recv() waits for the next reply."""
 
     def __init__(self, stub: edge_pb2_grpc.EdgeInferenceStub, open_msg: pb.Open, timeout: float,
-                 metadata: tuple = ()) -> None:
+                 metadata: tuple = (), affinity: str = "") -> None:
         self._out: queue.Queue[pb.DeviceMessage | None] = queue.Queue()
         self.bytes_up = self.bytes_down = self.messages_up = self.messages_down = 0
         self.replica = ""  # Opened.replica
         self.send(pb.DeviceMessage(open=open_msg))
-        # the session id in metadata: proxies route every stream of one session to one replica
-        # (nginx / HAProxy hash x-session-id; Ray Serve's gRPC proxy reads session_id)
-        affinity = (("x-session-id", open_msg.session_id), ("session_id", open_msg.session_id))
-        self._call = stub.Generate(iter(self._out.get, None), timeout=timeout, metadata=(*affinity, *metadata))
+        # the affinity key (the conversation's, else the session id) in metadata: proxies route every
+        # stream with it to one replica (nginx / HAProxy hash x-session-id; Ray Serve's gRPC proxy
+        # reads session_id)
+        key = affinity or open_msg.session_id
+        self._call = stub.Generate(iter(self._out.get, None), timeout=timeout,
+                                   metadata=(("x-session-id", key), ("session_id", key), *metadata))
 
     def send(self, msg: pb.DeviceMessage) -> None:
         self.bytes_up += msg.ByteSize()
@@ -178,14 +180,14 @@ class EdgeClient:
             raise EdgeError.from_rpc(e) from None
         return Exchange(req.ByteSize(), reply.ByteSize(), time.perf_counter() - t0, reply.edge_seconds)
 
-    def open(self, open_msg: pb.Open) -> tuple[EdgeStream, pb.Opened]:
+    def open(self, open_msg: pb.Open, affinity: str = "") -> tuple[EdgeStream, pb.Opened]:
         """Wait (up to connect_timeout) for the channel, open a session, read Opened."""
         try:
             grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
         except grpc.FutureTimeoutError:
             raise EdgeError(grpc.StatusCode.UNAVAILABLE, f"edge {self.address} not reachable "
                                                          f"within {self.connect_timeout:.1f} s") from None
-        stream = EdgeStream(self._stub, open_msg, self.request_timeout, self._metadata)
+        stream = EdgeStream(self._stub, open_msg, self.request_timeout, self._metadata, affinity)
         try:
             return stream, stream.recv("opened")
         except EdgeError:

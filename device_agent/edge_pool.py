@@ -55,14 +55,14 @@ class EdgePool:
     def probe(self, bytes_up: int, bytes_down: int, timeout: float | None = None) -> Exchange:
         return self.active.probe(bytes_up, bytes_down, timeout)
 
-    def open(self, open_msg: pb.Open) -> tuple[EdgeStream, pb.Opened]:
+    def open(self, open_msg: pb.Open, affinity: str = "") -> tuple[EdgeStream, pb.Opened]:
         """Open on the active edge; an edge that is down or draining hands over to the next one."""
         tried = set()
         while True:
             client = self.active
             tried.add(client.address)
             try:
-                return client.open(open_msg)
+                return client.open(open_msg, affinity)
             except EdgeError as e:
                 if e.code not in FAILOVER or not self.failover(client, e) or self.active.address in tried:
                     raise

@@ -39,6 +39,7 @@ class GenerationRequest:
     codec: str | None = None
     ignore_eos: bool = False
     min_agreement: float | None = None  # split "auto": accuracy budget (None -> the agent's setting)
+    affinity: str = ""  # routes every turn of a conversation to one edge replica ("" -> the session id)
 
 
 @dataclass

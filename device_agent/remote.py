@@ -147,7 +147,7 @@ class EdgeRunner:
             max_new_tokens=max_new, stop_ids=sorted(stop_ids), resume_tokens=usable if resume else 0,
             prefix_hashes=[h for h, _ in offers], prefix_lengths=[n for _, n in offers])
         try:
-            stream, opened = self.edge.open(open_msg)
+            stream, opened = self.edge.open(open_msg, affinity=req.affinity)
         except EdgeError:
             if self.head_caches is not None:
                 self.head_caches.put(k, history, cache)  # the next attempt goes on from it

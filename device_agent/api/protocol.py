@@ -34,6 +34,8 @@ class _Request(BaseModel):
     min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="accuracy budget of split 'auto': "
                                         "lossy codecs only where calibrated greedy agreement is at least this")
     ignore_eos: bool = False  # as vLLM: generate max_tokens even past end-of-sequence (benchmarks)
+    user: str | None = Field(None, max_length=256, description="end-user id (OpenAI); also the affinity key that "
+                             "keeps a conversation on one edge replica behind a proxy (header X-Session-Id wins)")
 
     @field_validator("stop")
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -87,20 +88,32 @@ def _live(edge) -> list[dict]:
     return httpx.get(edge.ready["ops"] + "/v1/sessions", timeout=10).json()["sessions"]
 
 
+@contextmanager
+def _tier(model_dir, kind: str):
+    """3 edge processes behind the proxy, a device agent that knows only the proxy:
+    (agent URL, edges, replica addresses, the proxies started so far: a test may restart it)."""
+    edges = [start_edge(model_dir, args=["--torch-threads", "1"]) for _ in range(3)]
+    replicas = [(e.ready["grpc"], e.ready["ops"]) for e in edges]
+    proxies, agent = [], None
+    try:
+        try:
+            proxies.append(Proxy(kind, replicas))
+        except ProxyMissing as e:
+            pytest.fail(f"{e}: `make test` installs it as root; the scale-out tests cannot run without it")
+        agent = start_agent(model_dir, proxies[0].address, args=["--replays", "3"])
+        yield agent.ready["http"], edges, replicas, proxies
+    finally:
+        if agent is not None:
+            agent.stop()
+        for p in proxies:
+            p.stop()
+        for e in edges:
+            e.stop()
+
+
 @pytest.mark.parametrize("kind", ["nginx", "haproxy"])
 def test_sessions_stick_to_replicas_and_only_a_dead_replicas_sessions_replay(real_model_dir, kind):
-    edges = [start_edge(real_model_dir, args=["--torch-threads", "1"]) for _ in range(3)]
-    replicas = [(e.ready["grpc"], e.ready["ops"]) for e in edges]
-    try:
-        proxy = Proxy(kind, replicas)
-    except ProxyMissing as e:
-        for x in edges:
-            x.stop()
-        pytest.fail(f"{e}: CI installs it (.ci/run); the scale-out test cannot run without it")
-    proxies = [proxy]
-    agent = start_agent(real_model_dir, proxy.address, args=["--replays", "3"])
-    base = agent.ready["http"]
-    try:
+    with _tier(real_model_dir, kind) as (base, edges, replicas, proxies):
         clean = _run(base)
         assert all(stats["replays"] == 0 and stats["resumes"] == 0 for _, stats in clean.values())
         spread = [_opened(e)[0] for e in edges]
@@ -152,9 +165,23 @@ def test_sessions_stick_to_replicas_and_only_a_dead_replicas_sessions_replay(rea
         assert sum(after[j][2] - before[j][2] for j in survivors) == sum(replays)
         assert sum(after[j][0] - before[j][0] for j in survivors) == N - on_victim + sum(replays)
         assert all(after[j][1] == before[j][1] for j in survivors)
-    finally:
-        agent.stop()
-        for p in proxies:
-            p.stop()
-        for e in edges:
-            e.stop()
+
+
+def test_a_conversation_stays_on_the_replica_that_kept_its_prefix(real_model_dir):
+    """The app's `user` (or header X-Session-Id) is the affinity key: every turn of a conversation
+    lands on one replica, so the next turn reuses the prefix that replica kept."""
+    with _tier(real_model_dir, "nginx") as (base, edges, _, _):
+        used = set()
+        with httpx.Client(base_url=base, timeout=300) as c:
+            for i in range(6):
+                messages = [{"role": "user", "content": f"Describe {TOPICS[i]} in two sentences."}]
+                body = {"model": "smollm2-135m-instruct", "max_tokens": 24, "temperature": 0, "codec": "f32",
+                        "split": 15, "messages": messages}
+                one = c.post("/v1/chat/completions", json={**body, "user": f"user-{i}"}).json()
+                messages += [one["choices"][0]["message"], {"role": "user", "content": "And at night?"}]
+                two = c.post("/v1/chat/completions", json={**body, "messages": messages},
+                             headers={"X-Session-Id": f"user-{i}"}).json()
+                assert two["coinfer"]["edge_replica"] == one["coinfer"]["edge_replica"]
+                assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+                used.add(one["coinfer"]["edge_replica"])
+        assert len(used) >= 2  # conversations still spread over the replicas

@@ -26,9 +26,12 @@ async def _sse(chunks: Iterator[str]) -> AsyncIterator[str]:
         chunks.close()  # client gone or done: closes the edge stream and frees the session
 
 
-async def _respond(logic: ServingLogic, body: p._Request, to_request, respond, stream):
+async def _respond(request: Request, body: p._Request, to_request, respond, stream):
     """Shared flow: body -> GenerationRequest; whole response, or SSE that starts after the first token."""
+    logic = _logic(request)
     req = await run_in_threadpool(to_request, body)
+    # a conversation's turns go to the edge replica that kept its prefix (X-Session-Id as in vLLM's router)
+    req.affinity = (request.headers.get("x-session-id") or body.user or "")[:256]
     if not body.stream:
         return await run_in_threadpool(respond, req)
     first, events = await run_in_threadpool(logic.start, req)
@@ -39,10 +42,11 @@ async def _respond(logic: ServingLogic, body: p._Request, to_request, respond, s
 @router.post("/v1/chat/completions", response_model=p.ChatCompletion)
 async def chat_completions(body: p.ChatCompletionRequest, request: Request):
     logic = _logic(request)
-    return await _respond(logic, body, logic.chat_request, logic.chat_response, logic.chat_stream)
+    return await _respond(request, body, logic.chat_request, logic.chat_response, logic.chat_stream)
 
 
 @router.post("/v1/completions", response_model=p.Completion)
 async def completions(body: p.CompletionRequest, request: Request):
     logic = _logic(request)
-    return await _respond(logic, body, logic.completion_request, logic.completion_response, logic.completion_stream)
+    return await _respond(request, body, logic.completion_request, logic.completion_response,
+                          logic.completion_stream)
