@@ -39,6 +39,7 @@ def test_top_p_keeps_the_nucleus():
     assert kept == [1, 2]
     assert set(draws(SamplingParams(temperature=1.0, top_p=0.7, seed=3))) == {1, 2}
     assert set(draws(SamplingParams(temperature=1.0, top_p=0.01, seed=3))) == {1}
+    assert set(draws(SamplingParams(temperature=1.0, top_p=5e-324, seed=3))) == {1}  # rounds to 0 in float32
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
