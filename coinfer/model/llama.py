@@ -163,12 +163,18 @@ class ModelSlice(nn.Module):
             raise ValueError(f"slice [{start}, {stop}) is outside 0..{cfg.num_layers}")
         self.cfg, self.start, self.stop = cfg, start, stop
         self.has_embed, self.has_head = embed, head
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if embed else None
+        # the weights come from the file (coinfer.model.weights): no random init, which on the meta
+        # device would import torch's reference kernels (see inv_freq below)
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.hidden_size)) \
+            if embed else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(start, stop))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if head else None
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size) if head else None
-        # a plain attribute, not a buffer: .to(bfloat16) on the model must not round the RoPE frequencies
-        self.inv_freq = cfg.rope_inv_freq()
+        # a plain attribute, not a buffer: .to(bfloat16) on the model must not round the RoPE frequencies.
+        # On the CPU even when the weights are built on the meta device: pow on meta tensors imports ~800
+        # modules of torch's reference kernels, 67 MiB of RSS in every process that loads a slice
+        with torch.device("cpu"):
+            self.inv_freq = cfg.rope_inv_freq()
         self.precision = "fp32"  # weights: fp32, bf16 or int8 (coinfer.model.quantize)
 
     @property

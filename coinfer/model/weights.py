@@ -124,7 +124,6 @@ def load_slice(
     if embed and head and cfg.tie_word_embeddings:
         sd["embed_tokens.weight"] = sd["lm_head.weight"].t()  # one tensor for both: a [V, d] view of [d, V]
     model.load_state_dict(sd, strict=True, assign=True)
-    model.inv_freq = cfg.rope_inv_freq()  # built on the meta device above
     model.eval().requires_grad_(False)
     if precision != "fp32":
         from coinfer.model.quantize import apply_precision

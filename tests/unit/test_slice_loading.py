@@ -59,3 +59,15 @@ def test_defaults_follow_the_cut(tiny_dir):
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="coinfer prepare"):
         load_slice(tmp_path)
+
+
+def test_loading_a_slice_does_not_pull_in_torchs_symbolic_stack(tiny_dir):
+    # building modules on the meta device ran ops (pow, normal_) whose meta kernels import sympy and
+    # ~800 modules: 67 MiB of RSS in every process that loads a model (benchmarks/decode_speed.py)
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom coinfer.model import load_slice\n"
+            f"load_slice({str(tiny_dir)!r}, precision='int8')\nprint('sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
