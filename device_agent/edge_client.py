@@ -115,7 +115,7 @@ class EdgeStream:
         self._out.put(None)
 
     def close(self) -> None:
-        self._out.put(None)  # half-close: no more requests
+        self.done_sending()
         self._call.cancel()
 
 

@@ -72,8 +72,7 @@ class EdgeRunner:
                     idle_replays, busy_since = 0, None
                 resumed, resume = resume, False
                 if resumed and e.code == grpc.StatusCode.NOT_FOUND:  # not on this replica: replay now
-                    stats.replays += 1
-                    self.metrics.replays.inc()
+                    self._replayed(stats)
                     log.info("edge does not hold session %s (%s); replaying %d tokens", sid, e.details, len(history))
                     continue
                 if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -89,8 +88,7 @@ class EdgeRunner:
                     # the stream broke, the session may live on where it ran: try to go on from it
                     resume = e.code in FAILOVER and not moved and self.head_caches is not None
                     if not resume:
-                        stats.replays += 1
-                        self.metrics.replays.inc()
+                        self._replayed(stats)
                     log.warning("edge session lost (%s); %s %d tokens", e, "resuming" if resume else "replaying",
                                 len(history))
                     if e.code != grpc.StatusCode.ABORTED and not moved:  # ABORTED: evicted, the edge is up
@@ -105,6 +103,11 @@ class EdgeRunner:
                 self.metrics.fallbacks.inc()
                 yield from local(history, req.max_tokens - generated)
                 return
+
+    def _replayed(self, stats) -> None:
+        """Count a replay: in the request's stats (REST `coinfer.replays`) and in /metrics."""
+        stats.replays += 1
+        self.metrics.replays.inc()
 
     def _other_edge(self, e: EdgeError) -> bool:
         """Fail over to another edge of the pool (False with a single edge)."""
@@ -184,8 +187,7 @@ class EdgeRunner:
         else:
             stats.cached_tokens += held
             if resume:  # nothing kept on the device to go on from: this is a replay
-                stats.replays += 1
-                self.metrics.replays.inc()
+                self._replayed(stats)
         fed = list(history)  # tokens whose keys and values the edge's (and the head's) cache will hold
         try:
             view = self.head.view(k) if k > 0 else None

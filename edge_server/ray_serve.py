@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import os
 import queue
+import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -86,7 +87,6 @@ class EdgeReplica:
 
         self.settings = EdgeSettings(**(settings or {}))
         self.service = build_service(self.settings)
-        self.replica = f"{os.uname().nodename}:{os.getpid()}"
         self._pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="session")
 
     async def Describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
@@ -193,8 +193,6 @@ def main(argv: list[str] | None = None) -> int:
               name="coinfer-edge", route_prefix="/")
     print(f"READY pid={os.getpid()} grpc=127.0.0.1:{a.grpc_port}", flush=True)
     stop = threading.Event()
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):

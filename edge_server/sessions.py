@@ -213,11 +213,7 @@ class SessionStore:
             if kept is None or kept.split != s.split or kept.codec != s.codec or kept.cache.length < positions:
                 self.stats.missing += 1
                 return False
-            self._drop_kept(key, free=False)
-            self._free(s.cache)
-            s.cache, s.chain_blocks = kept.cache, kept.hashes[: positions // BLOCK]
-            s.cache.truncate(positions)
-            self._bytes += s.cache.nbytes
+            self._hand_over(key, kept, s, positions)
             self.stats.resumed += 1
             return True
 
@@ -236,15 +232,19 @@ class SessionStore:
                 if kept is None or length % BLOCK or kept.split != s.split or kept.codec != s.codec \
                         or not 0 <= i < len(kept.hashes) or kept.hashes[i] != h:
                     continue
-                self._drop_kept(key, free=False)
-                self._free(s.cache)
-                s.cache, s.chain_blocks = kept.cache, kept.hashes[: i + 1]
-                s.cache.truncate(length)
-                self._bytes += s.cache.nbytes
+                self._hand_over(key, kept, s, length)
                 self.stats.prefix_hits += 1
                 self.stats.prefix_tokens += length
                 return length
             return 0
+
+    def _hand_over(self, key: int, kept: Kept, s: TailSession, positions: int) -> None:
+        """Move a kept cache, truncated to `positions`, into live session s (with its blocks' names)."""
+        self._drop_kept(key, free=False)
+        self._free(s.cache)
+        s.cache, s.chain_blocks = kept.cache, kept.hashes[: positions // BLOCK]
+        s.cache.truncate(positions)
+        self._bytes += s.cache.nbytes
 
     def _drop_kept(self, key: int, free: bool = True) -> None:
         kept = self._kept.pop(key)
