@@ -1,6 +1,6 @@
 """Decode speed and footprint per weight precision, against transformers' `generate` on the same weights.
 
-For transformers fp32 and our model in fp32 / bf16 / int8 (monolithic), in this one process,
+For transformers fp32 and our model in fp32 / bf16 / int8 / int4 (monolithic), in this one process,
 measurements interleaved round by round (best of --repeats): greedy decode tokens/s (128 new
 tokens after a short chat prompt) and the prefill time of a 512-token prompt. For each
 precision also: the device head alone at k = 15 (decode steps/s of embedding + 15 layers),
@@ -72,7 +72,7 @@ def hf_prefill(hf, ids: list[int]) -> float:
         return time.perf_counter() - t0
 
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
 RSS_SPLITS = (0, 4, 15, 30)
 RSS_CODE = """
 import sys

@@ -58,8 +58,8 @@ class AgentSettings(BaseSettings):
                                "turn sends only its new tokens when the edge still holds the earlier ones")
     prefix_cache_bytes: int = Field(256 << 20, ge=0, description="head KV caches kept for prefix reuse, bytes")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
-    weights: str = Field("fp32", pattern="^(fp32|bf16|int8)$",
-                         description="weight precision of the layers loaded here: fp32 (exact), bf16, int8")
+    weights: str = Field("fp32", pattern="^(fp32|bf16|int8|int4)$",
+                         description="weight precision of the layers loaded here: fp32 (exact), bf16, int8, int4")
 
     @field_validator("plan_codecs")
     @classmethod

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=32, help="new tokens (default 32)")
     ap.add_argument("--model", default=DEFAULT_MODEL_DIR, help="prepared model dir")
-    ap.add_argument("--weights", default="fp32", choices=("fp32", "bf16", "int8"), help="device weight precision")
+    ap.add_argument("--weights", default="fp32", choices=("fp32", "bf16", "int8", "int4"), help="device weight precision")
     ap.add_argument("--max-device-layers", type=int, default=-1, help="layers the device holds (-1 = all)")
     ap.add_argument("--min-device-layers", type=int, default=0, help="privacy floor")
     ap.add_argument("--codecs", default="f16", help="codecs allowed, comma-separated (default f16)")

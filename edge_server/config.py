@@ -45,8 +45,8 @@ class EdgeSettings(BaseSettings):
                                       "decode batches")
     grace_seconds: float = Field(10.0, ge=0, description="SIGTERM: time in-flight sessions get to finish, s")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
-    weights: str = Field("fp32", pattern="^(fp32|bf16|int8)$",
-                         description="weight precision of the layers loaded here: fp32 (exact), bf16, int8")
+    weights: str = Field("fp32", pattern="^(fp32|bf16|int8|int4)$",
+                         description="weight precision of the layers loaded here: fp32 (exact), bf16, int8, int4")
     profile: bool = Field(True, description="measure per-layer costs at start-up (a few s, cached) and serve "
                                             "them in Describe for the devices' partitioners")
     profile_dir: str = Field(DEFAULT_PROFILE_DIR, description="cache dir of measured cost profiles ('' = no cache)")

@@ -175,7 +175,7 @@ class ModelSlice(nn.Module):
         # modules of torch's reference kernels, 67 MiB of RSS in every process that loads a slice
         with torch.device("cpu"):
             self.inv_freq = cfg.rope_inv_freq()
-        self.precision = "fp32"  # weights: fp32, bf16 or int8 (coinfer.model.quantize)
+        self.precision = "fp32"  # weights: fp32, bf16, int8 or int4 (coinfer.model.quantize)
 
     @property
     def num_layers(self) -> int:

@@ -110,7 +110,7 @@ def load_slice(
     """Build layers [start, stop) of the model in `model_dir`, reading only their tensors.
 
     By default the slice carries the embedding if it starts at 0 and the final
-    norm + lm_head if it ends at the last layer. `precision` (fp32, bf16, int8) is applied
+    norm + lm_head if it ends at the last layer. `precision` (fp32, bf16, int8, int4) is applied
     after loading (coinfer.model.quantize); fp32 is the exact reference.
     """
     cfg = ModelConfig.from_dir(model_dir)
