@@ -62,6 +62,7 @@ integration: setup model proxies
 
 bench: setup model
 	$(BIN)/python benchmarks/decode_speed.py --model $(MODEL_DIR)
+	$(BIN)/python benchmarks/compiled_decode.py --model $(MODEL_DIR)
 	$(BIN)/python benchmarks/split_overhead.py --model $(MODEL_DIR)
 
 bench-partition: setup model  # ~30 min: 24 shaped-link cells, every cut measured

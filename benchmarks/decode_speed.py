@@ -1,6 +1,7 @@
 """Decode speed and footprint per weight precision, against transformers' `generate` on the same weights.
 
-For transformers fp32 and our model in fp32 / bf16 / int8 / int4 (monolithic), in this one process,
+For transformers fp32 and our model in fp32 / bf16 / int8 / int4 (monolithic; int8 and int4 also
+with the decode step compiled, coinfer.model.compiled), in this one process,
 measurements interleaved round by round (best of --repeats): greedy decode tokens/s (128 new
 tokens after a short chat prompt) and the prefill time of a 512-token prompt. For each
 precision also: the device head alone at k = 15 (decode steps/s of embedding + 15 layers),
@@ -27,6 +28,7 @@ import torch
 
 from coinfer.model import load_slice
 from coinfer.model.accuracy import compare, full_logits
+from coinfer.model.compiled import compile_decode
 from coinfer.model.generation import generate, model_step
 from coinfer.model.texts import HELDOUT_PROSE
 from coinfer.model.tokenizer import Tokenizer
@@ -73,6 +75,7 @@ def hf_prefill(hf, ids: list[int]) -> float:
 
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
+COMPILED = ("int8", "int4")
 RSS_SPLITS = (0, 4, 15, 30)
 RSS_CODE = """
 import sys
@@ -164,6 +167,12 @@ def measure_speed(args, tok, ids, long_ids) -> tuple[list[dict], dict]:
     models = {"transformers fp32": AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()}
     for p in PRECISIONS:
         models[f"coinfer {p}"] = load_slice(args.model, precision=p)
+    compile_s = {}
+    for p in COMPILED:  # the device's `compile` setting: torch.compile of the decode step
+        m = load_slice(args.model, precision=p)
+        compile_s[p] = compile_decode(m)
+        if compile_s[p] is not None:
+            models[f"coinfer {p} compiled"] = m
     runs: dict[str, list] = {n: [] for n in models}
     outputs = {}
     for rnd in range(args.repeats + 1):  # round 0 warms up and is dropped
@@ -178,7 +187,7 @@ def measure_speed(args, tok, ids, long_ids) -> tuple[list[dict], dict]:
              "new_tokens": args.new_tokens, "prefill_tokens": len(long_ids)} for n, rs in runs.items()]
     heads = {p: head_rate(load_slice(args.model, 0, 15, precision=p), ids, args.new_tokens) for p in PRECISIONS}
     return rows, {"outputs_equal_fp32_vs_transformers": outputs["coinfer fp32"] == outputs["transformers fp32"],
-                  "head_k15_steps_per_s": heads}
+                  "head_k15_steps_per_s": heads, "compile_seconds": compile_s}
 
 
 def main() -> None:
@@ -208,10 +217,10 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct, {torch.get_num_threads()} threads; prompt {len(ids)} tokens, {args.new_tokens} "
           f"greedy new tokens, best of {args.repeats} interleaved rounds")
-    print(f"{'impl':<20}{'decode tok/s':>13}{'vs transformers':>17}{'prefill 512 (ms)':>18}")
+    print(f"{'impl':<24}{'decode tok/s':>13}{'vs transformers':>17}{'prefill 512 (ms)':>18}")
     for r in rows:
         pre = f"{r['prefill_512_s'] * 1000:.0f}" if r["prefill_512_s"] else "-"
-        print(f"{r['impl']:<20}{r['decode_tokens_per_s']:>13.1f}{r['decode_tokens_per_s'] / hf_rate:>16.2f}x{pre:>18}")
+        print(f"{r['impl']:<24}{r['decode_tokens_per_s']:>13.1f}{r['decode_tokens_per_s'] / hf_rate:>16.2f}x{pre:>18}")
     print(f"{'precision':<10}{'head k=15 steps/s':>18}" + "".join(f"{'RSS k=' + str(k) + ' MiB':>15}" for k in RSS_SPLITS)
           + f"{'agree mono':>12}{'agree dev':>11}{'agree edge':>12}{'KL mono':>10}")
     for p in PRECISIONS:

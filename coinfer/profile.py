@@ -225,7 +225,7 @@ def _measure_wire(model: ModelSlice, gen: torch.Generator, names: tuple[str, ...
 def cache_key(fingerprint: str, model: ModelSlice, threads: int, wire_codecs: tuple[str, ...]) -> str:
     parts = [str(PROFILE_VERSION), fingerprint, socket.gethostname(), platform.machine(), torch.__version__,
              model.precision, str(model.start), str(model.stop), str(model.embed_tokens is not None),
-             str(model.lm_head is not None), str(threads), ",".join(wire_codecs)]
+             str(model.lm_head is not None), str(threads), ",".join(wire_codecs), f"compiled={model.compiled}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 

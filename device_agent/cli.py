@@ -29,7 +29,10 @@ def build_app(settings: AgentSettings):
 
     if settings.torch_threads:
         compute.set_num_threads(settings.torch_threads)
-    head = HeadRunner(settings.model_dir, settings.max_device_layers, settings.weights, settings.device_slowdown)
+    head = HeadRunner(settings.model_dir, settings.max_device_layers, settings.weights, settings.device_slowdown,
+                      compile_decode=settings.compile)
+    if settings.compile:
+        log.info("decode step compiled: %s", f"{head.compile_seconds:.1f} s" if head.model.compiled else "no (eager)")
     edge = None
     if settings.edge:
         auth = EdgeAuth(settings.edge_ca_file, settings.edge_cert_file, settings.edge_key_file, settings.edge_token)

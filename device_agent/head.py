@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from coinfer import codec, compute, profile
-from coinfer.model import ModelConfig, load_slice
+from coinfer.model import ModelConfig, compiled, load_slice
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice
 from coinfer.model.sampling import Sampler
@@ -24,13 +24,14 @@ class HeadRunner:
     """All torch work runs on the process's compute thread (see coinfer.compute for why)."""
 
     def __init__(self, model_dir: str | Path, max_layers: int = -1, weights: str = "fp32",
-                 slowdown: float = 1.0) -> None:
+                 slowdown: float = 1.0, compile_decode: bool = False) -> None:
         self.cfg = ModelConfig.from_dir(model_dir)
         n = self.cfg.num_layers
         self.max_layers = n if max_layers < 0 else min(max_layers, n)
         self.fingerprint = read_fingerprint(model_dir)
         self.model = compute.run(load_slice, model_dir, 0, self.max_layers, embed=True, head=self.max_layers == n,
                                  precision=weights)
+        self.compile_seconds = compute.run(compiled.compile_decode, self.model) if compile_decode else None
         self.slowdown = slowdown  # benchmarks only: emulate a slower device by sleeping after each forward
 
     def cost_profile(self, cache_dir: str | None) -> profile.CostProfile:

@@ -67,11 +67,18 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values [B, KV, T, D] after the committed length; return all of them."""
+        return self.write(self.k[layer], self.v[layer], self.length, k, v)
+
+    @staticmethod
+    def write(keys: torch.Tensor, values: torch.Tensor, length: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, KV, T, D] into one layer's storage [B, KV, capacity, D] at `length`;
+        return the views of positions [0, length + T). A static method so that a compiled decode
+        step can take the layer's tensors and length instead of the cache object."""
         # narrow + copy_: fewer ops than slice assignment, which matters once per layer per token
-        n, end = k.shape[2], self.length + k.shape[2]
-        self.k[layer].narrow(2, self.length, n).copy_(k)
-        self.v[layer].narrow(2, self.length, n).copy_(v)
-        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
+        n, end = k.shape[2], length + k.shape[2]
+        keys.narrow(2, length, n).copy_(k)
+        values.narrow(2, length, n).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         """Commit `n` positions written by the last forward through all layers."""

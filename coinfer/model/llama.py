@@ -120,9 +120,22 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.compiled_decode = None  # torch.compile of decode_token, when enabled (coinfer.model.compiled)
 
     def forward(self, x, cos, sin, cache, layer, mask):
+        if cache is not None and x.shape[1] == 1:  # a decode step
+            step = self.compiled_decode or Block.decode_token
+            return step(self, x, cos, sin, cache.k[layer], cache.v[layer], cache.length)
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def decode_token(self, x, cos, sin, keys: torch.Tensor, values: torch.Tensor, length: int) -> torch.Tensor:
+        """One new token x [B, 1, d] at position `length`; keys / values [B, KV, capacity, D] are
+        this layer's cache storage, written in place. Tensors and an int in, no cache object or
+        layer index: one compiled graph serves every layer and every split."""
+        q, k, v = self.attn.qkv(self.attn_norm(x), cos, sin)  # [B, H|KV|KV, 1, D]
+        k, v = KVCache.write(keys, values, length, k, v)  # [B, KV, length + 1, D]
+        x = x + self.attn.wo(self.attn.decode_one(q, k, v))
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_rows(self, x, cos, sin, caches: list[KVCache], layers: list[int]):
@@ -180,6 +193,11 @@ class ModelSlice(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.stop - self.start
+
+    @property
+    def compiled(self) -> bool:
+        """Whether its blocks decode through torch.compile (coinfer.model.compiled)."""
+        return any(b.compiled_decode is not None for b in self.layers)
 
     def narrow(self, start: int, stop: int) -> "ModelSlice":
         """Layers [start, stop) of this slice as a new slice that shares its parameters.
