@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,3 +60,12 @@ def hidden_frame(model_dir: Path, ids: list[int], k: int, codec_name: str = "f32
 def greedy_reference(model_dir: Path, ids: list[int], n: int, stop_ids=()) -> list[int]:
     """Greedy continuation of the whole, unsplit model."""
     return [t for t, _ in generate(model_step(load_slice(model_dir)), ids, n, stop_ids=stop_ids)]
+
+
+def live_sessions_settled(store, timeout: float = 5.0) -> int:
+    """Live sessions on an edge once it has released the finished ones: a device returns on Done,
+    the edge releases the session a moment later (after the device's half-close)."""
+    deadline = time.monotonic() + timeout
+    while len(store) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(store)
