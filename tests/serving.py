@@ -62,10 +62,13 @@ def greedy_reference(model_dir: Path, ids: list[int], n: int, stop_ids=()) -> li
     return [t for t, _ in generate(model_step(load_slice(model_dir)), ids, n, stop_ids=stop_ids)]
 
 
-def live_sessions_settled(store, timeout: float = 5.0) -> int:
-    """Live sessions on an edge once it has released the finished ones: a device returns on Done,
-    the edge releases the session a moment later (after the device's half-close)."""
+
+def wait_sessions(srv, n: int, timeout: float = 5.0) -> bool:
+    """Wait until an edge server holds n live sessions. A device returns on Done and a raw client on
+    its last reply; the edge releases the session a moment later (after the device's half-close)."""
     deadline = time.monotonic() + timeout
-    while len(store) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return len(store)
+    while len(srv.service.sessions) != n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

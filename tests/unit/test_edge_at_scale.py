@@ -14,7 +14,7 @@ from coinfer.model.sampling import SamplingParams
 from device_agent.cli import build_app
 from device_agent.config import AgentSettings
 from device_agent.generate import Delta, GenerationRequest, Result
-from tests.serving import address, edge_server, greedy_reference, live_sessions_settled, open_msg, stub
+from tests.serving import address, edge_server, greedy_reference, open_msg, stub, wait_sessions
 
 N = 6
 
@@ -109,7 +109,7 @@ def test_eviction_and_replay_keep_outputs_and_the_budget(tiny_dir):
         assert max(seen) <= budget and store.peak_bytes <= budget
         assert store.stats.evicted_live > 0 and sum(r.stats.replays for _, r in runs) > 0
         assert _metric(edge, "coinfer_kv_evictions_total") > 0
-        assert live_sessions_settled(store) == 0
+        assert wait_sessions(edge, 0)
 
 
 @pytest.mark.parametrize("k", [0, 3])

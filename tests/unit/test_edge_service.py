@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -12,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coinfer.model.weights import read_fingerprint
 from coinfer.v1 import edge_pb2 as pb
-from tests.serving import address, edge_server, greedy_reference, hidden_frame, open_msg, session, stub
+from tests.serving import address, edge_server, greedy_reference, hidden_frame, open_msg, session, stub, wait_sessions
 
 PROMPT = [5, 9, 17, 33, 8, 61, 20, 7]
 
@@ -148,7 +147,7 @@ def test_bad_input_gets_its_status_and_the_edge_keeps_serving(edge, fp, tiny_dir
             assert "sha256:beef" in e.value.details() and fp in e.value.details()
         replies = session(s, [open_msg(fp, 0, max_new=4), pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT))])
         assert [r.token.id for r in replies[1:-1]] == greedy_reference(tiny_dir, PROMPT, 4)
-    assert _wait_sessions(edge, 0)
+    assert wait_sessions(edge, 0)
 
 
 def test_prompt_over_context_limit(tiny_dir, fp):
@@ -156,15 +155,6 @@ def test_prompt_over_context_limit(tiny_dir, fp):
         with pytest.raises(grpc.RpcError) as e:
             session(s, [open_msg(fp, 0, max_new=10), pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT))])
         assert code_of(e) == grpc.StatusCode.INVALID_ARGUMENT and "context" in e.value.details()
-
-
-def _wait_sessions(srv, n: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while len(srv.service.sessions) != n:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_session_limit_and_vanishing_clients(edge, fp, tiny_dir):
@@ -190,7 +180,7 @@ def test_session_limit_and_vanishing_clients(edge, fp, tiny_dir):
     for call, ch in zip(calls, channels):
         call.cancel()
         ch.close()
-    assert _wait_sessions(edge, 0), "vanished clients' sessions were not freed"
+    assert wait_sessions(edge, 0), "vanished clients' sessions were not freed"
 
 
 def test_garbage_does_not_disturb_a_concurrent_session(edge, fp, tiny_dir):
@@ -235,7 +225,7 @@ def test_half_close_before_the_end_frees_the_session(edge, fp):
         replies = session(s, [open_msg(fp, 2, max_new=5), pb.DeviceMessage(prefill=pb.Prefill(
             frame=hidden_frame_tiny(edge, 2)))])
         assert [r.WhichOneof("kind") for r in replies] == ["opened", "token"]
-    assert _wait_sessions(edge, 0)
+    assert wait_sessions(edge, 0)
 
 
 def hidden_frame_tiny(edge, k):

@@ -93,7 +93,8 @@ def q4_grid(out: int, d_in: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     step = (torch.rand(out, d_in // 32, 1, generator=g) * 0.01 + 0.001).bfloat16().float()
     low = (-8 * step + torch.randn(out, d_in // 32, 1, generator=g) * 0.002).bfloat16().float()
-    q = torch.stack([torch.randperm(32, generator=g) % 16 for _ in range(out * d_in // 32)]).reshape(out, d_in // 32, 32)
+    levels = [torch.randperm(32, generator=g) % 16 for _ in range(out * d_in // 32)]  # each of 0..15 twice
+    q = torch.stack(levels).reshape(out, d_in // 32, 32)
     return (low + step * q).reshape(out, d_in)
 
 
