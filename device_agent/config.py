@@ -61,7 +61,7 @@ class AgentSettings(BaseSettings):
     weights: str = Field("fp32", pattern="^(fp32|bf16|int8|int4)$",
                          description="weight precision of the layers loaded here: fp32 (exact), bf16, int8, int4")
     compile: bool = Field(False, description="torch.compile each layer's one-token decode step at start (needs a C++ "
-                          "compiler; ~5-15 s more at start; int4 decodes ~1.15x faster here; not bit-exact; falls back to eager)")
+                          "compiler; ~5-15 s more at start; int4 decodes ~1.12x faster here; not bit-exact; falls back to eager)")
 
     @field_validator("plan_codecs")
     @classmethod

@@ -3,16 +3,15 @@
 Why: with int4 weights the matmuls are a minority of a decode step on a small CPU; the rest is
 eager PyTorch running ~60 small ops per layer (norms, RoPE, residuals, dtype casts). Inductor
 fuses those into a few C++ kernels and calls the int4 / int8 kernels as they are. Measured on
-SmolLM2, 2 cores, int4, 300 greedy tokens: eager 53.3 -> compiled 61.2 tokens/s (+15%), int8
-+4% (benchmarks/decode_speed.py has the same-run numbers). Not bit-exact with eager.
+SmolLM2, 2 cores (benchmarks/compiled_decode.py, eager and compiled alternating): int4 1.12x,
+int8 1.07x, fp32 1.03x tokens/s. Not bit-exact with eager.
 
 One graph serves all layers and all splits: `Block.decode_token` takes tensors and an int,
 not the cache object or a layer index, and modules passed as arguments do not pin the graph
 to one layer. Compiled with automatic dynamic shapes: the first call specialises, the second
 length and the first grown cache make those two sizes symbolic, and the token that fills the
 cache gets its own graph (4 compiles in all, done by `compile_decode`'s warm-up before the
-first request). `dynamic=True` from the start compiled
-once but ran no faster than eager. The whole-model alternative (one graph per split, static
+first request). `dynamic=True` from the start compiled once but ran no faster than eager. The whole-model alternative (one graph per split, static
 cache) ran 12.8 vs 17.7 ms a token but compiled for 27 s and again whenever the cache grew.
 
 Needs a C++ compiler (Inductor's CPU backend); when compiling fails the blocks stay eager.
@@ -50,10 +49,10 @@ def compile_decode(model: ModelSlice) -> float | None:
     return time.perf_counter() - t0
 
 
-def _warm_up(block: Block, step, model: ModelSlice, chunk: int = 256) -> None:
+def _warm_up(block: Block, step, model: ModelSlice) -> None:
     """Run the compiled step at the sizes that trigger its compiles: a first length, a second one,
     a grown cache; under inference_mode, as the servers run it."""
-    cfg, dtype = model.cfg, model.dtype
+    cfg, dtype, chunk = model.cfg, model.dtype, model.new_cache().chunk  # the caches it will decode with
     with torch.inference_mode():  # tensors made outside it would be guarded as another kind
         x = torch.zeros(1, 1, cfg.hidden_size, dtype=dtype)
         # the last: the token that fills the cache, a size relation the graph specialises on
