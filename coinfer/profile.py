@@ -26,10 +26,10 @@ import torch
 
 from coinfer import codec as codecs
 from coinfer.model.kv_cache import KVCache
-from coinfer.model.llama import ModelSlice, causal_mask, rope_cos_sin
+from coinfer.model.llama import ModelSlice, causal_mask, decode_layers, rope_cos_sin
 
 log = logging.getLogger("coinfer.profile")
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 PREFILL_SIZES = (16, 64, 128)  # tokens; a line through these prices any prompt length
 DECODE_CONTEXT = 128  # decode steps are timed after a prefill of this many tokens
 STEP_MESSAGE_OVERHEAD = 20  # protobuf + gRPC + HTTP/2 framing around a Step frame, bytes
@@ -144,6 +144,10 @@ def _timed_layers(model: ModelSlice, x: torch.Tensor, cache: KVCache,
     T, past = x.shape[1], cache.length
     cache.reserve(past + T)
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(past, past + T), x.dtype)
+    if T == 1 and on_block is None:  # a decode step: time the calls ModelSlice.forward makes
+        x, times = _timed_decode(model, x, cos, sin, cache)
+        cache.advance(T)
+        return x, times, embed
     mask = causal_mask(past, T)
     times = []
     for i, block in enumerate(model.layers):
@@ -154,6 +158,19 @@ def _timed_layers(model: ModelSlice, x: torch.Tensor, cache: KVCache,
             on_block(i, x)
     cache.advance(T)
     return x, times, embed
+
+
+def _timed_decode(model: ModelSlice, x, cos, sin, cache: KVCache) -> tuple[torch.Tensor, list[float]]:
+    """One decode step through the slice's blocks, seconds per block. A compiled step runs several
+    blocks per graph (coinfer.model.compiled): each of them is charged an equal share of its call."""
+    grouped = model.layers[0].compiled_decode if model.layers else None
+    spans = grouped.spans(len(model.layers)) if grouped else [(i, i + 1) for i in range(len(model.layers))]
+    step, layers, times = grouped.step if grouped else decode_layers, list(model.layers), []
+    for i, j in spans:
+        t0 = time.perf_counter()
+        x = step(layers[i:j], x, cos, sin, cache.k[i:j], cache.v[i:j], cache.length)
+        times += [(time.perf_counter() - t0) / (j - i)] * (j - i)
+    return x, times
 
 
 def _median(xs: list[float]) -> float:

@@ -60,8 +60,9 @@ class AgentSettings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch default)")
     weights: str = Field("fp32", pattern="^(fp32|bf16|int8|int4)$",
                          description="weight precision of the layers loaded here: fp32 (exact), bf16, int8, int4")
-    compile: bool = Field(False, description="torch.compile each layer's one-token decode step at start (needs a C++ "
-                          "compiler; ~5-15 s more at start; int4 decodes ~1.12x faster here; not bit-exact; falls back to eager)")
+    compile: bool = Field(False, description="torch.compile the one-token decode step, 5 blocks per graph, at start (needs a "
+                          "C++ compiler; ~10 s more at start, up to a minute the first time; int4 decodes ~1.35x "
+                          "faster here; not bit-exact; falls back to eager)")
 
     @field_validator("plan_codecs")
     @classmethod

@@ -27,6 +27,16 @@ def full_logits(ids: list[int], *slices: ModelSlice) -> torch.Tensor:
     return x[0]
 
 
+def decode_logits(ids: list[int], model: ModelSlice) -> torch.Tensor:
+    """Logits [T, V] of a whole model fed ids one token at a time: the decode path (a compiled
+    model's compiled step), where full_logits runs one prefill."""
+    cache, rows = model.new_cache(), []
+    with torch.inference_mode():
+        for t in ids:
+            rows.append(model(torch.tensor([[t]]), cache)[0, -1].float())
+    return torch.stack(rows)
+
+
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> Agreement:
     """reference, candidate: logits [T, V]."""
     ref_lp, cand_lp = F.log_softmax(reference.float(), -1), F.log_softmax(candidate.float(), -1)

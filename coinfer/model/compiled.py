@@ -1,18 +1,23 @@
-"""Optional `torch.compile` of every block's one-token decode step (the device's `compile` setting).
+"""Optional `torch.compile` of the one-token decode step (the device's `compile` setting).
 
 Why: with int4 weights the matmuls are a minority of a decode step on a small CPU; the rest is
-eager PyTorch running ~60 small ops per layer (norms, RoPE, residuals, dtype casts). Inductor
-fuses those into a few C++ kernels and calls the int4 / int8 kernels as they are. Measured on
-SmolLM2, 2 cores (benchmarks/compiled_decode.py, eager and compiled alternating): int4 1.12x,
-int8 1.07x, fp32 1.03x tokens/s. Not bit-exact with eager.
+eager PyTorch running ~60 small ops per layer (norms, RoPE, residuals, dtype casts) and, once
+compiled, the fixed cost of entering a compiled graph (guards, wrappers: ~100 us a call here).
+So the blocks are compiled a few at a time: `decode_layers` over GROUP consecutive blocks is one
+graph, in which Inductor also fuses across the blocks' seams, and the blocks left over after the
+last whole group (a split that is no multiple of GROUP) run one per call through the graph of a
+single block. Measured on SmolLM2, 2 cores, int4, eager and compiled alternating in one process
+(benchmarks/compiled_decode.py): int4 1.35x tokens/s, int8 1.30x, fp32 1.17x; a graph per block
+gained only 1.12x (int4). Throwaway A/B of the group size, int4: 3 blocks 1.30x, 5 1.42x, 6 1.34x,
+10 1.38x, all 30 1.47x but one graph per split and ~2 minutes of compiling.
 
-One graph serves all layers and all splits: `Block.decode_token` takes tensors and an int,
-not the cache object or a layer index, and modules passed as arguments do not pin the graph
-to one layer. Compiled with automatic dynamic shapes: the first call specialises, the second
-length and the first grown cache make those two sizes symbolic, and the token that fills the
-cache gets its own graph (4 compiles in all, done by `compile_decode`'s warm-up before the
-first request). `dynamic=True` from the start compiled once but ran no faster than eager. The whole-model alternative (one graph per split, static
-cache) ran 12.8 vs 17.7 ms a token but compiled for 27 s and again whenever the cache grew.
+Two graphs serve all layers and all splits: `Block.decode_token` takes tensors and an int, not
+the cache object or a layer index, and modules passed as arguments do not pin a graph to its
+layers. Compiled with automatic dynamic shapes: each graph specialises on the first length, the
+second length and the first grown cache make those sizes symbolic, and the token that fills the
+cache gets its own graph (4 compiles per graph, all done by `compile_decode`'s warm-up before the
+first request). `dynamic=True` from the start compiled once but ran no faster than eager. Not
+bit-exact with eager.
 
 Needs a C++ compiler (Inductor's CPU backend); when compiling fails the blocks stay eager.
 """
@@ -24,23 +29,43 @@ import time
 
 import torch
 
-from coinfer.model.llama import Block, ModelSlice, rope_cos_sin
+from coinfer.model.llama import Block, ModelSlice, decode_layers, rope_cos_sin
 
 log = logging.getLogger("coinfer.compile")
 
+GROUP = 5  # blocks per compiled graph (see above)
 
-def compile_decode(model: ModelSlice) -> float | None:
-    """Compile the decode step of every block of `model` (and of its views, which share them) and
-    warm it up. Returns the seconds it took, or None when it failed (the model stays eager)."""
+
+class GroupedDecode:
+    """decode_layers(blocks, ...) run as compiled graphs of `group` blocks, then single blocks."""
+
+    def __init__(self, step, group: int) -> None:
+        self.step, self.group = step, group
+
+    def spans(self, n: int) -> list[tuple[int, int]]:
+        """[start, stop) of the blocks each graph call runs, for n blocks."""
+        whole = n - n % self.group
+        return [(i, i + self.group) for i in range(0, whole, self.group)] + [(i, i + 1) for i in range(whole, n)]
+
+    def __call__(self, blocks: list[Block], x, cos, sin, keys, values, length: int) -> torch.Tensor:
+        for i, j in self.spans(len(blocks)):
+            x = self.step(blocks[i:j], x, cos, sin, keys[i:j], values[i:j], length)
+        return x  # [B, 1, d]
+
+
+def compile_decode(model: ModelSlice, group: int = GROUP) -> float | None:
+    """Compile the decode step of `model`'s blocks (and of its views, which share them) and warm
+    it up. Returns the seconds it took, or None when it failed (the model stays eager)."""
     if not model.layers:
         return 0.0
     t0 = time.perf_counter()
-    # graphs are cached per function, across models: 4 per model, past torch's default of 8 once a
+    # graphs are cached per function, across models: 8 per model, past torch's default of 8 once a
     # process (a benchmark, the tests) compiles a few models; past the limit torch goes eager silently
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    step = torch.compile(Block.decode_token, dynamic=None)
+    step = GroupedDecode(torch.compile(decode_layers, dynamic=None), group)
     try:
-        _warm_up(model.layers[0], step, model)
+        for n in {min(group, len(model.layers)), 1}:  # the graphs a split of this slice can use
+            _warm_up(list(model.layers[:n]), step.step, model)
     except Exception as e:  # no compiler, an unsupported op: serve eagerly rather than not at all
         log.warning("torch.compile of the decode step failed, decoding eagerly: %s", str(e).splitlines()[0][:300])
         return None
@@ -49,7 +74,7 @@ def compile_decode(model: ModelSlice) -> float | None:
     return time.perf_counter() - t0
 
 
-def _warm_up(block: Block, step, model: ModelSlice) -> None:
+def _warm_up(blocks: list[Block], step, model: ModelSlice) -> None:
     """Run the compiled step at the sizes that trigger its compiles: a first length, a second one,
     a grown cache; under inference_mode, as the servers run it."""
     cfg, dtype, chunk = model.cfg, model.dtype, model.new_cache().chunk  # the caches it will decode with
@@ -57,7 +82,8 @@ def _warm_up(block: Block, step, model: ModelSlice) -> None:
         x = torch.zeros(1, 1, cfg.hidden_size, dtype=dtype)
         # the last: the token that fills the cache, a size relation the graph specialises on
         for capacity, length in ((chunk, 0), (chunk, 1), (2 * chunk, chunk + 1), (2 * chunk, 2 * chunk - 1)):
-            keys = torch.zeros(1, cfg.num_kv_heads, capacity, cfg.head_dim, dtype=dtype)
-            values = torch.zeros_like(keys)
+            shape = (1, cfg.num_kv_heads, capacity, cfg.head_dim)
+            keys = [torch.zeros(shape, dtype=dtype) for _ in blocks]
+            values = [torch.zeros(shape, dtype=dtype) for _ in blocks]
             cos, sin = rope_cos_sin(model.inv_freq, torch.tensor([length]), dtype)
-            step(block, x, cos, sin, keys, values, length)
+            step(blocks, x, cos, sin, keys, values, length)

@@ -120,12 +120,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        self.compiled_decode = None  # torch.compile of decode_token, when enabled (coinfer.model.compiled)
+        # the compiled decode of a run of blocks, when enabled (coinfer.model.compiled); shared by all blocks
+        self.compiled_decode = None
 
     def forward(self, x, cos, sin, cache, layer, mask):
-        if cache is not None and x.shape[1] == 1:  # a decode step
-            step = self.compiled_decode or Block.decode_token
-            return step(self, x, cos, sin, cache.k[layer], cache.v[layer], cache.length)
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -152,6 +150,14 @@ class Block(nn.Module):
             ys.append(self.attn.decode_one(qb, kb, vb))
         x = x + self.attn.wo(torch.cat(ys))  # [B, 1, H*D] -> [B, 1, d]
         return x + self.mlp(self.mlp_norm(x))
+
+
+def decode_layers(blocks: list[Block], x, cos, sin, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):
+    """One new token x [B, 1, d] at position `length` through consecutive blocks; keys[i] / values[i]
+    are block i's cache storage. What coinfer.model.compiled compiles, a few blocks per graph."""
+    for block, k, v in zip(blocks, keys, values):
+        x = block.decode_token(x, cos, sin, k, v, length)  # [B, 1, d]
+    return x
 
 
 def causal_mask(past: int, new: int) -> torch.Tensor | None:
@@ -238,9 +244,13 @@ class ModelSlice(nn.Module):
             if cache is not None:
                 cache.reserve(past + T)
             cos, sin = rope_cos_sin(self.inv_freq, torch.arange(past, past + T), x.dtype)  # [T, D]
-            mask = causal_mask(past, T)
-            for i, block in enumerate(self.layers):
-                x = block(x, cos, sin, cache, i, mask)  # [B, T, d]
+            if cache is not None and T == 1:  # a decode step
+                step = self.layers[0].compiled_decode or decode_layers
+                x = step(list(self.layers), x, cos, sin, cache.k, cache.v, past)  # [B, 1, d]
+            else:
+                mask = causal_mask(past, T)
+                for i, block in enumerate(self.layers):
+                    x = block(x, cos, sin, cache, i, mask)  # [B, T, d]
         if cache is not None:
             cache.advance(T)
         if self.lm_head is None:

@@ -3,7 +3,8 @@
 import pytest
 
 from coinfer.model import load_slice
-from coinfer.model.accuracy import compare, full_logits
+from coinfer.model.accuracy import compare, decode_logits, full_logits
+from coinfer.model.compiled import compile_decode
 from coinfer.model.texts import HELDOUT_PROSE
 from coinfer.model.tokenizer import Tokenizer
 
@@ -38,3 +39,14 @@ def test_quantized_device_head_with_fp32_edge_tail(real_model_dir, setup, precis
     tail = load_slice(real_model_dir, 15, 30)
     got = compare(ref, full_logits(ids, head, tail))
     assert got.agreement >= FLOORS[precision][0] and got.mean_kl <= FLOORS[precision][1], got
+
+
+def test_compiled_int4_decode_path_agreement_floor(real_model_dir, setup):
+    """The device's fastest setting (int4 + --compile) fed token by token through its compiled
+    decode step, 5-block graphs and single blocks alike (measured: 97.9%, KL 0.0006, as eager's
+    decode path)."""
+    ids, ref = setup
+    m = load_slice(real_model_dir, precision="int4")
+    assert compile_decode(m) is not None and m.compiled
+    got = compare(ref, decode_logits(ids, m))
+    assert got.agreement >= 0.97 and got.mean_kl <= FLOORS["int4"][1], got

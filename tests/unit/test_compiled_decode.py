@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from coinfer.model import load_slice
-from coinfer.model.compiled import compile_decode
+from coinfer.model.compiled import GroupedDecode, compile_decode
 from coinfer.model.generation import generate, model_step
 
 PROMPT = [5, 9, 17, 33, 8, 61, 20, 7, 44, 12]
@@ -33,7 +33,30 @@ def test_compiled_decode_matches_eager_and_compiles_only_at_warm_up(tiny_dir, pr
         eager(torch.tensor([PROMPT]), a), compiled(torch.tensor([PROMPT]), b)
         la, lb = eager(torch.tensor([[3]]), a), compiled(torch.tensor([[3]]), b)
     assert torch.allclose(la, lb, atol=1e-4, rtol=1e-4)
-    assert compiled.narrow(0, 3).compiled  # views share the blocks, so they decode compiled too
+    # views share the blocks, so they decode compiled too: 3 layers run as 3 single-block graphs
+    view_e, view_c = eager.narrow(0, 3), compiled.narrow(0, 3)
+    assert view_c.compiled
+    with torch.inference_mode():
+        a, b = view_e.new_cache(), view_c.new_cache()
+        view_e(torch.tensor([PROMPT]), a), view_c(torch.tensor([PROMPT]), b)
+        ha, hb = view_e(torch.tensor([[3]]), a), view_c(torch.tensor([[3]]), b)
+    assert graphs() == before and torch.allclose(ha, hb, atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_decode_runs_whole_groups_then_single_blocks():
+    calls = []
+
+    def step(blocks, x, cos, sin, keys, values, length):
+        assert len(keys) == len(values) == len(blocks) and length == 7
+        calls.append(blocks)
+        return x + len(blocks)
+
+    blocks = list(range(12))
+    x = GroupedDecode(step, 5)(blocks, torch.zeros(1), None, None, blocks, blocks, 7)
+    assert calls == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10], [11]] and x.item() == 12
+    calls.clear()
+    GroupedDecode(step, 5)(blocks[:4], torch.zeros(1), None, None, blocks[:4], blocks[:4], 7)
+    assert calls == [[0], [1], [2], [3]]  # a split below one group: single blocks only
 
 
 def test_failed_compile_leaves_the_model_eager(tiny_dir, monkeypatch):
@@ -61,3 +84,18 @@ def test_device_agent_compile_setting(tiny_dir):
         name = c.get("/v1/models").json()["data"][0]["id"]
         r = c.post("/v1/completions", json={"model": name, "prompt": "w1 w2", "max_tokens": 5, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_cost_profile_times_the_compiled_decode_calls(tiny_dir):
+    """The partitioner's decode costs of a compiled head come from its compiled graphs (one call
+    per 5 blocks, then single blocks), each block charged its share of the call."""
+    from coinfer import profile
+
+    m = load_slice(tiny_dir, precision="int4")
+    assert compile_decode(m) is not None
+    grouped, calls = m.layers[0].compiled_decode, []
+    compiled_step = grouped.step
+    grouped.step = lambda blocks, *a: calls.append(len(blocks)) or compiled_step(blocks, *a)
+    p = profile.measure(m, repeats=1, decode_steps=2, sizes=(4, 8))
+    assert calls == [5, 1] * 2 and len(p.layer_decode) == 6 and all(t > 0 for t in p.layer_decode)
+    assert p.layer_decode[0] == p.layer_decode[4] != p.layer_decode[5]  # a group's share, then a single block
