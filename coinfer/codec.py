@@ -1,8 +1,14 @@
 """Tensor frames: how hidden states cross the link between head and tail.
 
-A frame is `u32 header length | msgpack header | zstd body`. The header holds
-`{v, codec, shape, dtype, scales, body_len, extras}`; the body is the quantized
-tensor, zstd-compressed. Codecs: `f32` (bit-exact), `f16`, `int8` (symmetric, per
+A frame is `u32 header length | msgpack header | zstd body`. The header (frame version
+2, what `encode` writes) is the msgpack array `[2, codec, shape, scales, aux]`: `aux` is
+the escape count of a `uq*` frame, the scale dtype of an `int8` / `int4` one, else nil;
+the dtype (f32), the body length (the rest of the frame), a uq step and a group size
+are implied by the version and the codec. Version 1, the map `{v: 1, codec, shape,
+dtype, scales, body_len, extras}`, is still decoded. Why the array: a decode step sends
+one token, and the map spent 60-90 B of its ~600 B on names and implied values
+(benchmarks/codec_frontier.py, "step frame B"). The body is the quantized tensor,
+zstd-compressed. Codecs: `f32` (bit-exact), `f16`, `int8` (symmetric, per
 group of 64) and `int4` (symmetric, per group of 32, two values a byte), and the
 `uq*` family: a uniform step per token, `step` x the token's robust RMS (root of the
 median square, so the few massive-activation channels do not set it), every value
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 import zstandard
 
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # what encode writes; decode also reads version 1 (a map header)
 MAX_HEADER_BYTES = 1 << 16
 DEFAULT_MAX_DECODED_BYTES = 64 << 20  # cap on the decoded tensor, whatever the frame claims
 MAX_RANK = 4
@@ -140,16 +146,8 @@ def encode(x: torch.Tensor, codec: str = "f32", level: int = ZSTD_LEVEL) -> byte
         raw, scales, extras["scale_dtype"] = _quantize(a, c)
         extras["group"] = c.group
     body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
-    header = {
-        "v": FRAME_VERSION,
-        "codec": c.name,
-        "shape": list(x.shape),
-        "dtype": "f32",
-        "scales": scales,
-        "body_len": len(body),
-        "extras": extras,
-    }
-    packed = msgpack.packb(header, use_bin_type=True)
+    aux = extras.get("escapes", extras.get("scale_dtype"))  # what the codec does not imply
+    packed = msgpack.packb([FRAME_VERSION, c.name, list(x.shape), scales, aux], use_bin_type=True)
     return _LEN.pack(len(packed)) + packed + body
 
 
@@ -174,9 +172,29 @@ def _parse_header(frame: bytes) -> tuple[dict, memoryview]:
         )  # fmt: skip
     except Exception as e:  # msgpack raises many types on garbage
         raise CodecError(f"header is not valid msgpack: {e}") from None
+    body = view[_LEN.size + hlen :]
+    if isinstance(header, list):
+        return _expand_v2(header, len(body)), body
     if not isinstance(header, dict):
-        raise CodecError(f"header must be a map, got {type(header).__name__}")
-    return header, view[_LEN.size + hlen :]
+        raise CodecError(f"header must be a map (version 1) or an array (version 2), got {type(header).__name__}")
+    if header.get("v") != 1 or not _is_int(header.get("v")):
+        raise CodecError(f"unsupported frame version {header.get('v')!r} in a map header (this side speaks 1 and 2)")
+    return header, body
+
+
+def _expand_v2(header: list, body_len: int) -> dict:
+    """A version-2 array header as the version-1 map it abbreviates, so one validation serves both."""
+    if len(header) != 5 or header[0] != 2 or not _is_int(header[0]):
+        raise CodecError(f"unsupported frame version: an array header must be [2, codec, shape, scales, aux], "
+                         f"got {len(header)} fields starting {header[:1]!r}")
+    _, name, shape, scales, aux = header
+    c = CODECS.get(name) if isinstance(name, str) else None
+    extras = {} if c is None or not (c.step or c.group) else \
+        {"step": c.step, "escapes": aux} if c.step else {"group": c.group, "scale_dtype": aux}
+    if c is not None and not (c.step or c.group) and aux is not None:
+        raise CodecError(f"codec {name} carries no aux field, got {aux!r}")
+    return {"v": 2, "codec": name, "shape": shape, "dtype": "f32", "scales": scales, "body_len": body_len,
+            "extras": extras}
 
 
 def _is_int(v) -> bool:
@@ -291,8 +309,6 @@ def decode(
 ) -> torch.Tensor:
     """Frame bytes -> float32 tensor, after checking every field. Raises CodecError on any fault."""
     header, body = _parse_header(frame)
-    if header.get("v") != FRAME_VERSION or not _is_int(header.get("v")):
-        raise CodecError(f"unsupported frame version {header.get('v')!r} (this side speaks {FRAME_VERSION})")
     c = get_codec(header.get("codec"))
     if header.get("dtype") != "f32":
         raise CodecError(f"unsupported dtype {header.get('dtype')!r} (only f32)")
@@ -311,5 +327,6 @@ def decode(
 
 
 def peek_header(frame: bytes) -> dict:
-    """The frame's header, for logs and byte accounting (not validated beyond parsing)."""
+    """The frame's header as a version-1 map, for logs and byte accounting (not validated beyond
+    parsing)."""
     return _parse_header(frame)[0]

@@ -27,6 +27,12 @@ def rebuild(header: dict, body: bytes) -> bytes:
 
 
 def split_frame(frame: bytes) -> tuple[dict, bytes]:
+    """(the header as a version-1 map, body): the bad-frame corpus edits version-1 headers."""
+    (n,) = struct.unpack_from("<I", frame)
+    return {**peek_header(frame), "v": 1}, frame[4 + n :]
+
+
+def split_v2(frame: bytes) -> tuple[list, bytes]:
     (n,) = struct.unpack_from("<I", frame)
     return msgpack.unpackb(frame[4 : 4 + n]), frame[4 + n :]
 
@@ -139,10 +145,11 @@ def bad_frames() -> dict[str, tuple[bytes, str]]:
         "empty": (b"", "truncated"),
         "short length": (b"\x01\x00", "truncated"),
         "truncated header": (frame[:10], "truncated"),
-        "truncated body": (frame[:-5], "body is"),
+        "truncated body": (rebuild(h, body)[:-5], "body is"),
+        "v2 truncated body": (frame[:-5], "corrupt|expected|zstd"),
         "huge header length": (struct.pack("<I", 1 << 30) + b"x", "exceeds"),
         "header not msgpack": (struct.pack("<I", 3) + b"\xc1\xc1\xc1", "msgpack"),
-        "header not a map": (rebuild([1, 2], body), "map"),
+        "header neither map nor array": (rebuild("int8", body), "map .version 1. or an array"),
         "wrong version": (rebuild({**h, "v": 2}, body), "version"),
         "bool version": (rebuild({**h, "v": True}, body), "version"),
         "unknown codec": (rebuild({**h, "codec": "int3"}, body), "unknown codec"),
@@ -160,7 +167,8 @@ def bad_frames() -> dict[str, tuple[bytes, str]]:
         "scale dtype": (rebuild({**h, "extras": {**h["extras"], "scale_dtype": "f8"}}, body), "scale dtype"),
         "wrong group": (rebuild({**h, "extras": {**h["extras"], "group": 16}}, body), "group"),
         "scales on f32": (rebuild({**f32h, "scales": b"\0\0"}, f32body), "no scales"),
-        "body longer": (frame + b"\0\0\0", "body is"),
+        "body longer": (rebuild(h, body) + b"\0\0\0", "body is"),
+        "v2 body longer": (frame + b"\0\0\0", "trailing"),
         "body shorter than declared": (rebuild({**h, "body_len": len(body) + 10}, body), "declares"),
         "no body_len": (rebuild({k: v for k, v in h.items() if k != "body_len"}, body), "body_len"),
         "body not zstd": (rebuild({**h, "body_len": len(body)}, b"\x00" * len(body)), "zstd"),
@@ -169,6 +177,28 @@ def bad_frames() -> dict[str, tuple[bytes, str]]:
         "trailing zstd frame": (rebuild({**f32h, "body_len": len(f32body) * 2}, f32body * 2), "trailing"),
         "nan in f32 body": (_f32_frame(nan), "NaN"),
         **_bad_uq_frames(),
+        **_bad_v2_frames(),
+    }
+
+
+def _bad_v2_frames() -> dict[str, tuple[bytes, str]]:
+    """Version-2 (array) headers: the same checks, plus the array's own shape."""
+    h, body = split_v2(good())
+    uh, ubody = split_v2(good("uq20"))
+    fh, fbody = split_v2(good("f16"))
+    return {
+        "v2 too few fields": (rebuild(h[:4], body), "array header must be"),
+        "v2 wrong version": (rebuild([3, *h[1:]], body), "array header must be"),
+        "v2 bool version": (rebuild([True, *h[1:]], body), "array header must be"),
+        "v1 map claiming v2": (rebuild({"v": 2, "codec": "f16"}, fbody), "version 2 in a map header"),
+        "v2 unknown codec": (rebuild([2, "int3", *h[2:]], body), "unknown codec"),
+        "v2 shape mismatch": (rebuild([2, h[1], [4, 512], *h[3:]], body), "hidden size"),
+        "v2 scale dtype": (rebuild([*h[:4], "f8"], body), "scale dtype"),
+        "v2 scales short": (rebuild([*h[:3], h[3][:-2], h[4]], body), "scales"),
+        "v2 uq escapes not int": (rebuild([*uh[:4], "8"], ubody), "escapes"),
+        "v2 uq escapes miscounted": (rebuild([*uh[:4], uh[4] - 1], ubody), "expected"),
+        "v2 aux on f16": (rebuild([*fh[:4], 3], fbody), "no aux"),
+        "v2 body cut": (rebuild(h, body[:-3]), "corrupt|expected|zstd"),
     }
 
 

@@ -36,7 +36,8 @@ def test_split_greedy_continuation_equals_whole_model(tiny_dir, k):
     got = [t for t, _ in generate(split.step_fn(), ids, 32)]
     assert got == expected
     assert split.stats.tokens == len(ids) + 31  # the prompt, then one token per step after the first
-    assert split.stats.bytes_per_token > 64 * 4  # f32 hidden state plus frame header
+    # f32 on the wire: about the raw hidden state (zstd gains little on float mantissas; a header per frame)
+    assert 0.8 * 64 * 4 < split.stats.bytes_per_token < 64 * 4 + 40
 
 
 def test_k0_edge_takes_token_ids_and_matches(tiny_dir):
