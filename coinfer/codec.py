@@ -188,11 +188,15 @@ def _expand_v2(header: list, body_len: int) -> dict:
         raise CodecError(f"unsupported frame version: an array header must be [2, codec, shape, scales, aux], "
                          f"got {len(header)} fields starting {header[:1]!r}")
     _, name, shape, scales, aux = header
-    c = CODECS.get(name) if isinstance(name, str) else None
-    extras = {} if c is None or not (c.step or c.group) else \
-        {"step": c.step, "escapes": aux} if c.step else {"group": c.group, "scale_dtype": aux}
-    if c is not None and not (c.step or c.group) and aux is not None:
+    c = CODECS.get(name) if isinstance(name, str) else None  # an unknown one is reported by decode
+    if c is not None and c.step:
+        extras = {"step": c.step, "escapes": aux}
+    elif c is not None and c.group:
+        extras = {"group": c.group, "scale_dtype": aux}
+    elif c is not None and aux is not None:
         raise CodecError(f"codec {name} carries no aux field, got {aux!r}")
+    else:
+        extras = {}
     return {"v": 2, "codec": name, "shape": shape, "dtype": "f32", "scales": scales, "body_len": body_len,
             "extras": extras}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from coinfer import codec as codecs
+from coinfer.model.compiled import GroupedDecode
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice, causal_mask, decode_layers, rope_cos_sin
 
@@ -163,12 +164,12 @@ def _timed_layers(model: ModelSlice, x: torch.Tensor, cache: KVCache,
 def _timed_decode(model: ModelSlice, x, cos, sin, cache: KVCache) -> tuple[torch.Tensor, list[float]]:
     """One decode step through the slice's blocks, seconds per block. A compiled step runs several
     blocks per graph (coinfer.model.compiled): each of them is charged an equal share of its call."""
-    grouped = model.layers[0].compiled_decode if model.layers else None
-    spans = grouped.spans(len(model.layers)) if grouped else [(i, i + 1) for i in range(len(model.layers))]
-    step, layers, times = grouped.step if grouped else decode_layers, list(model.layers), []
-    for i, j in spans:
+    layers, times = list(model.layers), []
+    # uncompiled, ModelSlice.forward runs decode_layers over all blocks: timed here one block a call
+    grouped = (layers and layers[0].compiled_decode) or GroupedDecode(decode_layers, 1)
+    for i, j in grouped.spans(len(layers)):
         t0 = time.perf_counter()
-        x = step(layers[i:j], x, cos, sin, cache.k[i:j], cache.v[i:j], cache.length)
+        x = grouped.step(layers[i:j], x, cos, sin, cache.k[i:j], cache.v[i:j], cache.length)
         times += [(time.perf_counter() - t0) / (j - i)] * (j - i)
     return x, times
 
