@@ -136,14 +136,13 @@ def accuracy(model_dir: str, precision: str, ref_logits, ids: list[int]) -> dict
     return out
 
 
-def compiled_accuracy(model_dir: str, ref_logits, ids: list[int]) -> dict:
-    """Agreement of the compiled decode step (not bit-exact with eager), whole model, token by token."""
+def compiled_accuracy(compiled: dict, ref_logits, ids: list[int]) -> dict:
+    """Agreement of the compiled decode step (not bit-exact with eager), whole model, token by token;
+    `compiled`: precision -> the compiled model measure_speed timed."""
     out = {}
-    for p in COMPILED:
-        m = load_slice(model_dir, precision=p)
-        if compile_decode(m) is not None:
-            a = compare(ref_logits, decode_logits(ids, m))
-            out[p] = {"agreement": a.agreement, "mean_kl": a.mean_kl, "positions": a.positions}
+    for p, m in compiled.items():
+        a = compare(ref_logits, decode_logits(ids, m))
+        out[p] = {"agreement": a.agreement, "mean_kl": a.mean_kl, "positions": a.positions}
     return out
 
 
@@ -171,8 +170,9 @@ def plot(rows: list[dict], rss: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def measure_speed(args, tok, ids, long_ids) -> tuple[list[dict], dict]:
-    """Decode + prefill of transformers fp32 and ours per precision, interleaved round by round."""
+def measure_speed(args, tok, ids, long_ids) -> tuple[list[dict], dict, dict]:
+    """Decode + prefill of transformers fp32 and ours per precision, interleaved round by round.
+    Returns the rows, the extras for the JSON and the compiled models (precision -> model)."""
     from transformers import AutoModelForCausalLM
 
     models = {"transformers fp32": AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()}
@@ -197,12 +197,11 @@ def measure_speed(args, tok, ids, long_ids) -> tuple[list[dict], dict]:
     rows = [{"impl": n, "decode_tokens_per_s": max(r[0] for r in rs), "prefill_512_s": min(r[1] for r in rs),
              "new_tokens": args.new_tokens, "prefill_tokens": len(long_ids)} for n, rs in runs.items()]
     heads = {p: head_rate(load_slice(args.model, 0, 15, precision=p), ids, args.new_tokens) for p in PRECISIONS}
-    for p in COMPILED:
-        head = load_slice(args.model, 0, 15, precision=p)
-        if compile_decode(head) is not None:
-            heads[f"{p} compiled"] = head_rate(head, ids, args.new_tokens)
+    compiled = {p: models[f"coinfer {p} compiled"] for p in COMPILED if f"coinfer {p} compiled" in models}
+    for p, m in compiled.items():  # a view [0, 15) shares the compiled blocks
+        heads[f"{p} compiled"] = head_rate(m.narrow(0, 15), ids, args.new_tokens)
     return rows, {"outputs_equal_fp32_vs_transformers": outputs["coinfer fp32"] == outputs["transformers fp32"],
-                  "head_k15_steps_per_s": heads, "compile_seconds": compile_s}
+                  "head_k15_steps_per_s": heads, "compile_seconds": compile_s}, compiled
 
 
 def main() -> None:
@@ -219,7 +218,7 @@ def main() -> None:
     t0 = time.perf_counter()
     load_slice(args.model)
     load_s = time.perf_counter() - t0
-    rows, extra = measure_speed(args, tok, ids, long_ids)
+    rows, extra, compiled = measure_speed(args, tok, ids, long_ids)
     lcpp = llama_cpp_rate(ids, args.new_tokens)
     if lcpp is not None:
         rows.append({"impl": "llama.cpp Q4_1", "decode_tokens_per_s": lcpp, "prefill_512_s": None})
@@ -227,7 +226,7 @@ def main() -> None:
     held = tok.encode(HELDOUT_PROSE)
     ref_logits = full_logits(held, load_slice(args.model))
     acc = {p: accuracy(args.model, p, ref_logits, held) for p in PRECISIONS if p != "fp32"}
-    acc_compiled = compiled_accuracy(args.model, ref_logits, held)
+    acc_compiled = compiled_accuracy(compiled, ref_logits, held)
     rss = {p: {str(k): rss_mib(args.model, k, p) for k in RSS_SPLITS} for p in PRECISIONS}
     rss_base = rss_mib(args.model, -1, "fp32")
 
