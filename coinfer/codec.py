@@ -18,11 +18,17 @@ about their entropy. Per-group absmax scaling spends its range on the outliers o
 group; a step set by the typical value does not (benchmarks/codec_frontier.py).
 
 Frames come from the network, so `decode` trusts nothing: every inconsistency
-raises `CodecError` before any allocation larger than the caller's cap.
+raises `CodecError` (never another exception type) before any allocation larger than
+the caller's cap. The cap bounds both the decoded tensor and the decompressed body
+(a uq frame's body grows with the escape count its header claims), and the shape's
+product is computed exactly, so huge dimensions cannot wrap around to a small size.
+`frame_token_count` runs the same header checks without touching the body, so the edge
+can refuse a step of the wrong length or a prompt over its context before decoding.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -44,6 +50,14 @@ _LEN = struct.Struct("<I")
 
 class CodecError(ValueError):
     """A tensor frame that cannot be encoded or decoded; the message says what is wrong."""
+
+
+class NonFiniteState(CodecError):
+    """A session's hidden states or logits hold NaN or infinite values (or could not be sampled).
+
+    Raised by `decode` for a frame of such values and by the edge's scheduler for one row of
+    a decode batch: the session that sent them fails alone (INVALID_ARGUMENT, as any
+    CodecError), while the rest of its batch is sampled as if it were not there."""
 
 
 @dataclass(frozen=True)
@@ -205,17 +219,20 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_shape(shape, hidden_size: int | None, max_decoded_bytes: int) -> tuple[int, ...]:
+def _check_shape(shape, hidden_size: int | None, max_decoded_bytes: int) -> tuple[tuple[int, ...], int]:
+    """(shape, element count). The product is taken over Python ints, which do not wrap: numpy's
+    int64 product of e.g. [2**26] * 4 is 0, and a zero-sized claim would pass the cap."""
     if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK:
         raise CodecError(f"shape must be a list of 1..{MAX_RANK} dimensions, got {shape!r}")
     if not all(_is_int(s) and 0 < s <= max_decoded_bytes for s in shape):
-        raise CodecError(f"shape dimensions must be positive integers, got {shape!r}")
+        raise CodecError(f"shape dimensions must be positive integers, each within the cap of {max_decoded_bytes}, "
+                         f"got {shape!r}")
     if hidden_size is not None and shape[-1] != hidden_size:
         raise CodecError(f"shape {shape} does not match the model's hidden size {hidden_size}")
-    numel = int(np.prod(shape, dtype=np.int64))
+    numel = math.prod(shape)
     if numel * 4 > max_decoded_bytes:
         raise CodecError(f"decoded tensor would be {numel * 4} bytes, over the cap of {max_decoded_bytes}")
-    return tuple(shape)
+    return tuple(shape), numel
 
 
 def _check_scales(header: dict, c: Codec, numel: int, width: int) -> np.ndarray | None:
@@ -240,7 +257,8 @@ def _check_scales(header: dict, c: Codec, numel: int, width: int) -> np.ndarray 
         return None
     if extras.get("group") != c.group:
         raise CodecError(f"codec {c.name} needs group {c.group}, header says {extras.get('group')!r}")
-    dt = SCALE_DTYPES.get(extras.get("scale_dtype"))
+    name = extras.get("scale_dtype")
+    dt = SCALE_DTYPES.get(name) if isinstance(name, str) else None  # a list or map is unhashable
     if dt is None:
         raise CodecError(f"unknown scale dtype {extras.get('scale_dtype')!r} (known: {', '.join(SCALE_DTYPES)})")
     n_groups = c.padded(numel) // c.group
@@ -279,6 +297,24 @@ def _uq_body_bytes(header: dict, numel: int) -> int:
     return numel + 8 * header["extras"]["escapes"]  # int8 per value + (u32 index, i32 value) per escape
 
 
+def _check_header(
+    header: dict, hidden_size: int | None, max_decoded_bytes: int
+) -> tuple[Codec, tuple[int, ...], int, np.ndarray | None, int]:
+    """Every check that needs only the header: (codec, shape, numel, scales, decompressed body bytes).
+
+    The body size is held to the cap as well as the tensor: a uq frame claiming one escape
+    per value would otherwise decompress to 9 bytes per value, 2.25x the cap."""
+    c = get_codec(header.get("codec"))
+    if header.get("dtype") != "f32":
+        raise CodecError(f"unsupported dtype {header.get('dtype')!r} (only f32)")
+    shape, numel = _check_shape(header.get("shape"), hidden_size, max_decoded_bytes)
+    scales = _check_scales(header, c, numel, shape[-1])
+    expected = _uq_body_bytes(header, numel) if c.step else c.body_bytes(numel)
+    if expected > max_decoded_bytes:
+        raise CodecError(f"body would decompress to {expected} bytes, over the cap of {max_decoded_bytes}")
+    return c, shape, numel, scales, expected
+
+
 def _uq_dequantize(raw: bytes, c: Codec, rms: np.ndarray, numel: int, width: int) -> np.ndarray:
     n = (len(raw) - numel) // 8
     q = np.frombuffer(raw, dtype=np.int8, count=numel).astype(np.float32)
@@ -311,23 +347,33 @@ def _dequantize(raw: bytes, c: Codec, scales: np.ndarray | None, numel: int) -> 
 def decode(
     frame: bytes, *, hidden_size: int | None = None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
 ) -> torch.Tensor:
-    """Frame bytes -> float32 tensor, after checking every field. Raises CodecError on any fault."""
+    """Frame bytes -> float32 tensor, after checking every field. Raises CodecError on any fault,
+    NaN and infinite values included: one check over the decoded values costs little next to
+    the decompression, and lets no non-finite state into a shared decode batch."""
     header, body = _parse_header(frame)
-    c = get_codec(header.get("codec"))
-    if header.get("dtype") != "f32":
-        raise CodecError(f"unsupported dtype {header.get('dtype')!r} (only f32)")
-    shape = _check_shape(header.get("shape"), hidden_size, max_decoded_bytes)
-    numel = int(np.prod(shape))
-    scales = _check_scales(header, c, numel, shape[-1])
-    if c.step:
-        raw = _decompress(body, header, _uq_body_bytes(header, numel))
-        x = _uq_dequantize(raw, c, scales, numel, shape[-1])
-    else:
-        raw = _decompress(body, header, c.body_bytes(numel))
-        x = _dequantize(raw, c, scales, numel)
+    c, shape, numel, scales, expected = _check_header(header, hidden_size, max_decoded_bytes)
+    raw = _decompress(body, header, expected)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge scales overflow to inf: refused just below
+        x = _uq_dequantize(raw, c, scales, numel, shape[-1]) if c.step else _dequantize(raw, c, scales, numel)
     if not np.isfinite(x).all():
-        raise CodecError("decoded tensor holds NaN or Inf values")
+        raise NonFiniteState("decoded tensor holds NaN or Inf values")
     return torch.from_numpy(x).reshape(shape)
+
+
+def frame_token_count(
+    frame: bytes, *, hidden_size: int | None = None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+) -> int:
+    """T of a hidden-state frame [T, d], from its header alone; raises CodecError unless the frame
+    is rank 2 and its header passes every check `decode` makes before touching the body.
+
+    Why: the edge must refuse a step that is not one token, or a prompt over its context,
+    before it spends the decompression (up to the cap) on it. The body can still be corrupt:
+    `decode` checks that."""
+    header, _ = _parse_header(frame)
+    _, shape, _, _, _ = _check_header(header, hidden_size, max_decoded_bytes)
+    if len(shape) != 2:
+        raise CodecError(f"expected hidden states [T, d], got shape {list(shape)}")
+    return shape[0]
 
 
 def peek_header(frame: bytes) -> dict:

@@ -54,6 +54,12 @@ class AgentSettings(BaseSettings):
                          "without a new token in between")
     busy_wait_seconds: float = Field(10.0, ge=0, description="how long a request retries an edge that is full "
                                      "(RESOURCE_EXHAUSTED) before it runs locally or answers 503, s")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="largest REST request body, bytes: a larger "
+                                   "one gets 413, whether its Content-Length says so or its chunks add up to it")
+    max_concurrent_requests: int = Field(32, ge=1, le=4096, description="generations in flight at once, streamed "
+                                         "ones until their stream ends; one more gets 503 + Retry-After at once "
+                                         "(never queued); the worker threads are sized above it so health, "
+                                         "readiness and metrics still answer")
     prefix_reuse: bool = Field(True, description="offer the edge the prefix of each request's tokens, so a chat "
                                "turn sends only its new tokens when the edge still holds the earlier ones")
     prefix_cache_bytes: int = Field(256 << 20, ge=0, description="head KV caches kept for prefix reuse, bytes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -12,13 +13,13 @@ import grpc
 
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
+from device_agent.retry_policy import RETRYABLE
 
-# statuses after which the session is gone but the edge (or another) may take a replay
-# (CANCELLED: we never read after cancelling ourselves, so it means the edge dropped the stream)
 STATUS_KEY = "coinfer-status"  # trailing metadata: the edge's status code again (see edge_server.service)
 STREAM_BROKEN = "Stream removed"  # grpc-core's details for a stream reset below the gRPC layer
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND,
-                       grpc.StatusCode.CANCELLED})
+# grpc-core's details when a message is over max_send/receive_message_length, "... (N vs. M)":
+# RESOURCE_EXHAUSTED like a full edge, but the request's fault
+TOO_LARGE = ("Sent message larger than max", "Received message larger than max")
 
 
 class EdgeError(RuntimeError):
@@ -31,7 +32,12 @@ class EdgeError(RuntimeError):
 
     @property
     def retryable(self) -> bool:
-        return self.code in RETRYABLE
+        return self.code in RETRYABLE and not self.too_large
+
+    @property
+    def too_large(self) -> bool:
+        """A message over the gRPC size limit (ours or the edge's), not a full edge."""
+        return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and (self.details or "").startswith(TOO_LARGE)
 
     @classmethod
     def from_rpc(cls, e: grpc.RpcError) -> "EdgeError":
@@ -52,6 +58,29 @@ class EdgeError(RuntimeError):
             # HAProxy: END_STREAM with no status): the session is lost, not refused
             code, details = grpc.StatusCode.UNAVAILABLE, f"stream broken on the way to the edge ({details})"
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", retry_after)
+
+
+class MessageTooLarge(EdgeError):
+    """A message to the edge over the gRPC size limit: the request's fault (a 400), never retried."""
+
+    def __init__(self, size: int | None = None, limit: int | None = None) -> None:
+        self.size, self.limit = size, limit
+        sizes = f": {size} bytes > limit {limit}" if size is not None and limit is not None else ""
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"prompt too large for one message to the edge{sizes}; use a shorter prompt, "
+                         "a smaller codec or raise max_message_bytes")
+
+    @property
+    def too_large(self) -> bool:
+        return True
+
+    @classmethod
+    def of(cls, e: EdgeError) -> "MessageTooLarge":
+        """The client error for a too-large failure (sizes read from grpc's "(N vs. M)" when it gives them)."""
+        if isinstance(e, cls):
+            return e
+        m = re.search(r"\((\d+) vs\. (\d+)\)", e.details or "")
+        return cls(int(m[1]), int(m[2])) if m else cls()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 The active edge is the one with the lowest measured Describe round trip plus reported queue
 wait among those not marked down. When the active edge fails (connection lost, restart,
 drain: UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED), `failover` marks it down for
-`down_seconds` and ranks the others; the device replays the session there (remote.py).
+`down_seconds` (a full edge: for its retry hint, at most that) and ranks the others; the
+device replays the session there (remote.py). When no other edge answers, the active edge
+stays and failover says so: the caller then waits or gives up (retry_policy), never spins.
 `generation` counts changes of the active edge, so the planner knows to fetch the new
 edge's cost profile. A one-address pool behaves exactly like its EdgeClient.
 """
@@ -18,10 +20,9 @@ import grpc
 
 from coinfer.v1 import edge_pb2 as pb
 from device_agent.edge_client import EdgeAuth, EdgeClient, EdgeError, EdgeStream, Exchange
+from device_agent.retry_policy import FAILOVER
 
 log = logging.getLogger("coinfer.device")
-# the edge itself is gone or refusing: another edge may serve (ABORTED = evicted: same edge, replay)
-FAILOVER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 
 class EdgePool:
@@ -77,11 +78,17 @@ class EdgePool:
         False when there is no other edge to go to."""
         if len(self.clients) == 1:
             return False
+        down, full = self.down_seconds, isinstance(why, EdgeError) and why.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        if full and why.retry_after is not None:
+            down = min(down, why.retry_after)  # a full edge has room again after its hint
         with self._lock:
             i = self.clients.index(failed) if failed is not None else self._active
-            self._down_until[i] = time.monotonic() + self.down_seconds
+            self._down_until[i] = time.monotonic() + down
         log.warning("edge %s failed (%s); failing over", self.clients[i].address, why)
-        return self.rank(exclude=i)
+        if self.rank(exclude=i):
+            return True
+        log.warning("no other edge answered; %s stays active", self.address)
+        return False
 
     def rank(self, exclude: int | None = None, timeout: float = 1.0) -> bool:
         """Measure every edge not marked down (Describe: round trip + queue) and activate the best.
@@ -98,10 +105,6 @@ class EdgePool:
                 continue
             scores[i] = ex.wall + reply.load.queue_seconds
         if not scores:
-            if exclude is not None:  # nobody else answered: keep trying the others in turn
-                with self._lock:
-                    self._active, self.generation = (exclude + 1) % len(self.clients), self.generation + 1
-                return True
             return False
         best = min(scores, key=scores.get)
         with self._lock:

@@ -7,6 +7,7 @@ own; 0 < k < N runs layers [0, k) here and sends one hidden-state frame per toke
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     min_agreement: float | None = None  # split "auto": accuracy budget (None -> the agent's setting)
     affinity: str = ""  # routes every turn of a conversation to one edge replica ("" -> the session id)
+    cancel: threading.Event | None = None  # set when the client hung up: waits between attempts end early
 
 
 @dataclass

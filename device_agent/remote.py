@@ -3,25 +3,25 @@
 A session offers the edge the prefix hashes of its token history (coinfer.prefix); the
 edge answers how much it still holds from an earlier turn, and only the rest crosses the
 link. The head's own KV for that prefix comes from the device's HeadCacheStore.
-When a session is lost (edge restart, eviction: UNAVAILABLE, ABORTED, ...) it is reopened
-and the token history replayed; `replays` bounds the attempts in a row that produce no
-token. A stream that broke while the edge may still hold the session (a proxy in between
-reset it) is first reopened as a resume of the same session id, from the exact position;
-an edge (replica) that does not hold it answers NOT_FOUND and the device replays at once.
-Every stream of a request carries the same session id, so session-affine proxies keep it on
-one replica. When the edge is full (RESOURCE_EXHAUSTED) the request waits the edge's retry
-hint, with jittered exponential backoff, up to `busy_wait_seconds`. Then, or with replays spent,
-a device that holds all layers finishes the request itself; otherwise the error goes to
-the app (503 with Retry-After).
+When an attempt fails, device_agent.retry_policy decides what comes next (resume, replay,
+fail over, wait, finish on the device, give up) from the status and the request's counters;
+the loop here only carries that out: sleeps, failover through the pool, metrics and logs.
+A resume reopens the same session id from the exact position and presents the secret
+`Opened.resume_token` the edge gave the request's last stream: a session id alone claims
+nothing. Every stream of a request carries the same session id, so session-affine proxies keep
+it on one replica. A Prefill over the gRPC message limit (the device's or the edge's) is
+refused before it is sent: a client error, never retried.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -29,16 +29,25 @@ from coinfer import prefix
 from coinfer.model.kv_cache import KVCache
 from coinfer.v1 import edge_pb2 as pb
 from device_agent.config import AgentSettings
-from device_agent.edge_client import EdgeClient, EdgeError, Exchange
-from device_agent.edge_pool import FAILOVER
+from device_agent.edge_client import EdgeClient, EdgeError, Exchange, MessageTooLarge
 from device_agent.head import HeadRunner
 from device_agent.metrics import AgentMetrics
 from device_agent.planning import Planner
 from device_agent.prefix_cache import HeadCacheStore
+from device_agent.retry_policy import Action, AttemptState, Failure, Kind, decide
 
 log = logging.getLogger("coinfer.device")
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 TokenSource = Iterator[tuple[int, float, str | None]]  # (token id, logprob, finish reason or None)
+
+
+@dataclass
+class Ticket:
+    """The edge session of one request, across its streams."""
+
+    sid: str  # one id for every stream of the request: affinity, and what a resume names
+    resume_token: bytes = b""  # the last Opened.resume_token: a resume must present it
+    resume: bool = False  # the next attempt resumes (else it opens afresh and replays)
 
 
 class EdgeRunner:
@@ -55,54 +64,65 @@ class EdgeRunner:
                local: Callable[[list[int], int], TokenSource]) -> TokenSource:
         """Tokens of req at split k; `local(history, max_new)` finishes on the device when the edge fails."""
         history = list(req.prompt_ids)  # every token the edge session must hold
-        generated, idle_replays, busy_since = 0, 0, None
-        sid, resume = uuid.uuid4().hex, False  # one id for every stream of this request: affinity
+        generated, ticket, state = 0, Ticket(uuid.uuid4().hex), self._attempt_state()
         while True:
             before = generated
             try:
                 for token, logprob, finish in self._session(req, k, codec, stop_ids, history,
-                                                            req.max_tokens - generated, stats, sid, resume):
+                                                            req.max_tokens - generated, stats, ticket):
                     history.append(token)
                     generated += 1
                     yield token, logprob, finish
                 return
             except EdgeError as e:
-                self.metrics.edge_errors.labels(e.code.name).inc()
                 if generated > before:
-                    idle_replays, busy_since = 0, None
-                resumed, resume = resume, False
-                if resumed and e.code == grpc.StatusCode.NOT_FOUND:  # not on this replica: replay now
-                    self._replayed(stats)
-                    log.info("edge does not hold session %s (%s); replaying %d tokens", sid, e.details, len(history))
-                    continue
-                if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    busy_since = busy_since or time.monotonic()
-                    if self._other_edge(e):  # another edge may have room: no need to wait
-                        stats.busy_retries += 1
-                        continue
-                    if self._wait_busy(e, time.monotonic() - busy_since, stats):
-                        continue
-                elif e.retryable and idle_replays < self.settings.replays:
-                    idle_replays += 1
-                    moved = e.code in FAILOVER and self._other_edge(e)
-                    # the stream broke, the session may live on where it ran: try to go on from it
-                    resume = e.code in FAILOVER and not moved and self.head_caches is not None
-                    if not resume:
-                        self._replayed(stats)
-                    log.warning("edge session lost (%s); %s %d tokens", e, "resuming" if resume else "replaying",
-                                len(history))
-                    if e.code != grpc.StatusCode.ABORTED and not moved:  # ABORTED: evicted, the edge is up
-                        time.sleep(min(0.2 * 2 ** idle_replays, 2.0))
-                    continue
-                elif not e.retryable:
-                    raise
-                if not self.head.holds_all_layers:
-                    raise
-                log.warning("edge lost or busy (%s); finishing on the device", e)
-                stats.fallback = True
-                self.metrics.fallbacks.inc()
-                yield from local(history, req.max_tokens - generated)
-                return
+                    state.progressed()
+                if self._recover(e, state, ticket, stats, len(history), req.cancel).kind is Kind.FINISH_LOCALLY:
+                    stats.fallback = True
+                    self.metrics.fallbacks.inc()
+                    yield from local(history, req.max_tokens - generated)
+                    return
+
+    def _attempt_state(self) -> AttemptState:
+        return AttemptState(pool_size=len(getattr(self.edge, "clients", ())) or 1,
+                            holds_all_layers=self.head.holds_all_layers,
+                            replays_allowed=self.settings.replays, busy_wait_seconds=self.settings.busy_wait_seconds)
+
+    def _recover(self, e: EdgeError, state: AttemptState, ticket: Ticket, stats, history: int,
+                 cancel: threading.Event | None = None) -> Action:
+        """Decide what follows `e` and carry it out up to the next attempt (raises when giving up, or
+        when the client hung up meanwhile: nobody would read the answer)."""
+        self.metrics.edge_errors.labels(e.code.name).inc()
+        failure = Failure(e.code, time.monotonic(), e.retry_after, e.too_large, ticket.resume)
+        # a session can be resumed only with the capability its edge handed out (Opened.resume_token)
+        state.can_resume = self.head_caches is not None and bool(ticket.resume_token)
+        act = decide(failure, state, random.random())
+        if act.kind is Kind.FAIL_OVER and not self._other_edge(e):
+            state.no_other_edge = True  # nobody else answered: decide without failing over
+            act = decide(failure, state, random.random())
+        state.after(failure, act)
+        ticket.resume = act.resumes
+        if act.kind is Kind.TOO_LARGE:
+            raise MessageTooLarge.of(e) from None
+        if act.kind is Kind.GIVE_UP:
+            log.warning("edge failed (%s): %s", e, act.why)
+            raise e
+        if act.busy and act.kind in (Kind.FAIL_OVER, Kind.WAIT):
+            stats.busy_retries += 1
+            self.metrics.busy_retries.inc()
+        if act.replays:
+            self._replayed(stats)
+        step = act.kind.value.replace("_", " ") + (f" then {act.then.value}" if act.then else "")
+        log.log(logging.INFO if act.busy else logging.WARNING, "edge %s (%s): %s; %s (%d tokens of history)%s",
+                "busy" if act.busy else "failed", e, act.why, step, history,
+                f" in {act.delay:.2f} s" if act.delay else "")
+        if act.delay > 0 and cancel is not None:
+            cancel.wait(act.delay)
+        elif act.delay > 0:
+            time.sleep(act.delay)
+        if cancel is not None and cancel.is_set():
+            raise e
+        return act
 
     def _replayed(self, stats) -> None:
         """Count a replay: in the request's stats (REST `coinfer.replays`) and in /metrics."""
@@ -110,32 +130,18 @@ class EdgeRunner:
         self.metrics.replays.inc()
 
     def _other_edge(self, e: EdgeError) -> bool:
-        """Fail over to another edge of the pool (False with a single edge)."""
+        """Fail over to another edge of the pool (False with a single edge, or when none answered)."""
         failover = getattr(self.edge, "failover", None)
         return bool(failover and failover(why=e))
 
-    def _wait_busy(self, e: EdgeError, waited: float, stats) -> bool:
-        """Sleep before retrying a busy edge; False when the wait budget is spent."""
-        left = self.settings.busy_wait_seconds - waited
-        if left <= 0:
-            return False
-        backoff = min(0.1 * 2 ** stats.busy_retries, 2.0)
-        delay = min(e.retry_after if e.retry_after is not None else backoff, backoff * 4, left)
-        stats.busy_retries += 1
-        self.metrics.busy_retries.inc()
-        log.info("edge busy (%s); retrying in %.2f s", e.details, delay)
-        time.sleep(delay * random.uniform(0.8, 1.2))  # jitter: devices refused together don't return together
-        return True
-
     # -- one session -----------------------------------------------------------------------------
-    def _open(self, req, k: int, codec: str, stop_ids, history: list[int], max_new: int, sid: str,
-              resume: bool):
+    def _open(self, req, k: int, codec: str, stop_ids, history: list[int], max_new: int, ticket: Ticket):
         """Open a session offering the prefixes the device can go on from (or, resuming, the exact
         position the session got to).
 
-        Returns (stream, positions the edge holds, head cache or None at k = 0, prefix chain or None).
+        Returns (stream, Opened, head cache or None at k = 0, prefix chain or None).
         """
-        sp, cache, usable, chain, offers = req.sampling, None, 0, None, []
+        sp, cache, usable, chain, offers, resume = req.sampling, None, 0, None, [], ticket.resume
         if self.head_caches is not None:
             cache, usable = self.head_caches.take(k, history, exact=resume)
             chain = prefix.PrefixChain.over(
@@ -145,9 +151,10 @@ class EdgeRunner:
         if k > 0 and cache is None:
             cache = self.head.view(k).new_cache()
         open_msg = pb.Open(
-            session_id=sid, fingerprint=self.head.fingerprint, split=k, codec=codec,
+            session_id=ticket.sid, fingerprint=self.head.fingerprint, split=k, codec=codec,
             sampling=pb.Sampling(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed),
             max_new_tokens=max_new, stop_ids=sorted(stop_ids), resume_tokens=usable if resume else 0,
+            resume_token=ticket.resume_token if resume else b"",
             prefix_hashes=[h for h, _ in offers], prefix_lengths=[n for _, n in offers])
         try:
             stream, opened = self.edge.open(open_msg, affinity=req.affinity)
@@ -155,6 +162,7 @@ class EdgeRunner:
             if self.head_caches is not None:
                 self.head_caches.put(k, history, cache)  # the next attempt goes on from it
             raise
+        ticket.resume_token = opened.resume_token
         held = opened.cached_tokens
         if held and held not in {n for _, n in offers} | {open_msg.resume_tokens}:
             stream.close()
@@ -163,24 +171,30 @@ class EdgeRunner:
         if cache is not None:
             cache.truncate(held)
         stream.replica = opened.replica
-        return stream, held, cache, chain
+        return stream, opened, cache, chain
 
     def _prefill(self, k: int, history: list[int], held: int, cache: KVCache | None, chain, codec: str,
-                 stats) -> pb.DeviceMessage:
-        """What the edge does not hold yet: ids (k = 0) or their hidden states, with the new blocks' names."""
+                 stats, limit: int) -> pb.DeviceMessage:
+        """What the edge does not hold yet: ids (k = 0) or their hidden states, with the new blocks' names.
+        MessageTooLarge when it would not fit in one gRPC message of `limit` bytes."""
         msg = pb.Prefill(token_ids=history[held:]) if k == 0 else \
             pb.Prefill(frame=self._frame(self.head.view(k), history[held:], cache, codec, stats))
         if chain is not None:
             msg.block_hashes.extend(chain.blocks[held // prefix.BLOCK:])
             msg.chain_state = chain.state
-        return pb.DeviceMessage(prefill=msg)
+        out = pb.DeviceMessage(prefill=msg)
+        if out.ByteSize() > limit:
+            raise MessageTooLarge(out.ByteSize(), limit)
+        return out
 
-    def _session(self, req, k: int, codec: str, stop_ids, history: list[int], max_new: int, stats, sid: str,
-                 resume: bool) -> TokenSource:
-        t0 = time.perf_counter()
-        stream, held, cache, chain = self._open(req, k, codec, stop_ids, history, max_new, sid, resume)
-        stats.edge_wait += time.perf_counter() - t0
-        stats.replica = stream.replica
+    def _message_limit(self, opened: pb.Opened) -> int:
+        """The largest message both ends accept: ours and the edge's (0 = not told)."""
+        edge = opened.limits.max_message_bytes
+        return min(self.settings.max_message_bytes, edge) if edge else self.settings.max_message_bytes
+
+    def _opened(self, stats, replica: str, resume: bool, held: int) -> None:
+        """Count what a new stream got: a resume, or cached prefix positions."""
+        stats.replica = replica
         if resume and held:
             stats.resumes += 1
             self.metrics.resumes.inc()
@@ -188,10 +202,18 @@ class EdgeRunner:
             stats.cached_tokens += held
             if resume:  # nothing kept on the device to go on from: this is a replay
                 self._replayed(stats)
+
+    def _session(self, req, k: int, codec: str, stop_ids, history: list[int], max_new: int, stats,
+                 ticket: Ticket) -> TokenSource:
+        t0, resume = time.perf_counter(), ticket.resume
+        stream, opened, cache, chain = self._open(req, k, codec, stop_ids, history, max_new, ticket)
+        held = opened.cached_tokens
+        stats.edge_wait += time.perf_counter() - t0
+        self._opened(stats, stream.replica, resume, held)
         fed = list(history)  # tokens whose keys and values the edge's (and the head's) cache will hold
         try:
             view = self.head.view(k) if k > 0 else None
-            prefill = self._prefill(k, history, held, cache, chain, codec, stats)
+            prefill = self._prefill(k, history, held, cache, chain, codec, stats, self._message_limit(opened))
             stats.prefill_bytes_up += prefill.ByteSize()
             sent, sent_bytes, quiet = time.perf_counter(), prefill.ByteSize(), self.planner.quiet(1)
             stream.send(prefill)
@@ -207,8 +229,8 @@ class EdgeRunner:
                 stats.edge_queue += tm.queue_seconds
                 stats.edge_decode += tm.decode_seconds
                 if sent_bytes:  # a request/reply exchange: teach the link estimator
-                    self.planner.observe(Exchange(sent_bytes, tok.ByteSize(), now - sent,
-                                                  tm.compute_seconds + tm.queue_seconds + tm.decode_seconds), quiet)
+                    edge_seconds = tm.compute_seconds + tm.queue_seconds + tm.decode_seconds
+                    self.planner.observe(Exchange(sent_bytes, tok.ByteSize(), now - sent, edge_seconds), quiet)
                     sent_bytes = 0
                 finish = FINISH.get(tok.finish_reason)
                 if finish:

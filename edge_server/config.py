@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coinfer.model.prepare import DEFAULT_MODEL_DIR
@@ -30,6 +30,20 @@ class EdgeSettings(BaseSettings):
     max_sessions_per_client: int = Field(0, ge=0, description="concurrent sessions of one client identity "
                                          "(certificate, token or address; 0 = only max_sessions)")
     workers: int = Field(48, ge=2, description="gRPC handler threads (one per open stream, plus unary calls)")
+    max_streams: int = Field(32, ge=1, description="Generate streams open at once; more are refused with "
+                             "RESOURCE_EXHAUSTED (must be below workers: the rest serve health, Describe, Probe)")
+    max_streams_per_client: int = Field(0, ge=0, description="Generate streams one client identity may hold "
+                                        "(0 = only max_streams); useful with per-device tokens")
+    first_message_seconds: float = Field(10.0, gt=0, description="a stream whose device sends no Open within "
+                                         "this long is ended, s")
+    stream_idle_seconds: float = Field(60.0, gt=0, description="a stream whose device then sends nothing (no "
+                                       "Step, no half-close, no reply taken) for this long is ended and its slot freed; it also bounds the "
+                                       "device's head prefill at split > 0 (raise it for slow devices with long prompts), s")
+    max_probe_bytes: int = Field(1 << 20, ge=0, description="largest Probe reply (link measurement), bytes")
+    max_connection_idle_seconds: float = Field(300.0, gt=0, description="a connection with no stream for "
+                                               "this long is closed, s")
+    ops_auth: bool = Field(True, description="with auth_tokens set, the ops endpoints other than /healthz and "
+                           "/readyz need the same bearer token as gRPC")
     kv_budget_bytes: int = Field(1 << 30, ge=1 << 16, description="KV cache bytes of all sessions together, live "
                                  "and kept for prefix reuse; beyond it idle caches are evicted (LRU), bytes")
     kv_chunk_tokens: int = Field(64, ge=1, description="positions a session's KV cache grows by at a time")
@@ -50,3 +64,19 @@ class EdgeSettings(BaseSettings):
     profile: bool = Field(True, description="measure per-layer costs at start-up (a few s, cached) and serve "
                                             "them in Describe for the devices' partitioners")
     profile_dir: str = Field(DEFAULT_PROFILE_DIR, description="cache dir of measured cost profiles ('' = no cache)")
+
+    @model_validator(mode="after")
+    def _no_placeholder_tokens(self) -> "EdgeSettings":
+        # the shipped Kubernetes Secret and compose example hold public placeholders: an edge that
+        # accepted them would accept anyone who read this repository
+        if "replace-me" in self.auth_tokens.lower():
+            raise ValueError("auth_tokens still holds a REPLACE-ME placeholder: generate real tokens "
+                             "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        return self
+
+    @model_validator(mode="after")
+    def _threads_left(self) -> "EdgeSettings":
+        if self.max_streams >= self.workers:
+            raise ValueError(f"max_streams ({self.max_streams}) must be below workers ({self.workers}): "
+                             "streams beyond it would take the threads health checks and Describe need")
+        return self

@@ -45,6 +45,9 @@ class EdgeMetrics:
         self.session_misses = Counter("coinfer_session_misses", "Resumes asked for a session this replica does "
                                       "not hold (ran elsewhere, restart, eviction): each makes the device replay",
                                       registry=r)
+        self.probe_bytes = Counter("coinfer_probe_bytes", "Probe reply payload bytes sent", registry=r)
+        self.streams_ended = Counter("coinfer_streams_ended", "Streams ended because their device sent nothing "
+                                     "within its deadline (first message or idle)", registry=r)
         self.queue_seconds = Histogram(
             "coinfer_queue_seconds", "Wait for the model per forward", buckets=LATENCY_BUCKETS, registry=r
         )

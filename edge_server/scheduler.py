@@ -8,7 +8,9 @@ time instead of by the whole prompt. When fewer steps are ready than sessions ar
 the loop waits up to `max_wait` for the rest: devices that got their tokens from the same
 batch answer within a few milliseconds of each other, and one wider batch costs little
 more than a narrow one on a memory-bound CPU (benchmarks/edge_concurrency.py).
-KV cache growth goes through the session store first (budget, eviction).
+KV cache growth goes through the session store first (budget, eviction). Each row of a
+batch is sampled on its own guard: a session whose logits are NaN or infinite (a device
+sending such hidden states, or finite ones so large they overflow) fails alone.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from coinfer import compute
 from coinfer.model.llama import ModelSlice
-from coinfer.model.sampling import sample_rows
+from coinfer.model.sampling import sample_each
 from edge_server.sessions import SessionStore
 from edge_server.tail import TailSession, Timings
 
@@ -82,6 +84,7 @@ class Scheduler:
             s.decoding = False
             with self._cond:
                 self._decoding -= 1
+                self._cond.notify_all()  # a batch waiting for this session's step need not wait on
 
     def close(self) -> None:
         with self._cond:
@@ -194,15 +197,24 @@ class Scheduler:
                 for w in ready:  # find the row that fails; the others still get their token
                     self._decode_alone(w)
                 return
-            for w, result in zip(ready, sample_rows([w.session.sampler for w in ready], logits)):
-                self._resolve(w, result)
+            self._settle(ready, logits)
 
     def _decode_alone(self, w: Work) -> None:
         try:
             logits = self.model.decode_batch([w.x], [w.session.split], [w.session.cache])
-            self._resolve(w, w.session.sampler(logits[0]))
+            self._settle([w], logits)
         except Exception as e:
             w.future.set_exception(e)
+
+    def _settle(self, works: list[Work], logits: torch.Tensor) -> None:
+        """Row b of logits [B, V] -> works[b]'s token; a row that is not finite or cannot be sampled
+        fails its own session (NonFiniteState, INVALID_ARGUMENT) and no other: a device that sends
+        NaN, or hidden states so large they overflow in the tail, must not stop its batch."""
+        for w, result in zip(works, sample_each([w.session.sampler for w in works], logits)):
+            if isinstance(result, Exception):
+                w.future.set_exception(result)
+            else:
+                self._resolve(w, result)
 
     def _prefill_chunk(self, works: list[Work]) -> None:
         w = works[0]
@@ -215,6 +227,6 @@ class Scheduler:
                 logits = s.model(w.x[:, w.done:end], s.cache, last_only=True)  # [1, 1, V]
             w.done = end
             if end == total:
-                self._resolve(w, s.sampler(logits[0, -1]))
+                self._settle([w], logits[0, -1:])
         except Exception as e:
             w.future.set_exception(e)

@@ -50,6 +50,10 @@ class TokenAuth(grpc.ServerInterceptor):
         # constant-time compare per token: no timing hint about how much of a token was right
         return token is not None and any(hmac.compare_digest(token.encode(), t) for t in self.tokens)
 
+    def allows(self, metadata) -> bool:
+        """The call's metadata carries one of the tokens (constant-time compare)."""
+        return self._known(bearer(metadata))
+
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(OPEN_METHODS) or self._known(
                 bearer(handler_call_details.invocation_metadata)):
@@ -71,13 +75,14 @@ class TokenAuth(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
-def identity(context) -> str:
-    """Who is calling (see the module docstring)."""
+def identity(context, tokens_required: bool = True) -> str:
+    """Who is calling (see the module docstring). A bearer token names the caller only where tokens
+    are checked: elsewhere any string would do, and a client could take a new identity per call."""
     auth = context.auth_context() if context is not None else {}
     subject = auth.get("x509_subject") or auth.get("x509_common_name")
     if subject:
         return "cert:" + subject[0].decode(errors="replace")
-    token = bearer(context.invocation_metadata()) if context is not None else None
+    token = bearer(context.invocation_metadata()) if context is not None and tokens_required else None
     if token:
         return token_identity(token)
     return "peer:" + (context.peer().rsplit(":", 1)[0] if context is not None else "local")

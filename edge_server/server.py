@@ -28,7 +28,7 @@ log = logging.getLogger("coinfer.edge")
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeInference"].full_name
 
 
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def grpc_options(max_message_bytes: int, max_connection_idle_seconds: float = 300.0) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -36,6 +36,8 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_connection_idle_ms", int(max_connection_idle_seconds * 1000)),  # idle connections go
+        ("grpc.so_reuseport", 0),  # a second edge on a port in use fails to bind instead of sharing it
     ]
 
 
@@ -55,8 +57,15 @@ class EdgeServer:
         self.service = build_service(settings)
         self.health = health.HealthServicer()
         tokens = [t.strip() for t in settings.auth_tokens.split(",") if t.strip()]
+        self.service.tokens_required = bool(tokens)
+        if any(t.startswith("dev-only") for t in tokens):
+            log.warning("auth_tokens include the public dev-only tokens of docker-compose.yml: for local "
+                        "try-outs only (set COINFER_AGENT_TOKEN and friends, see deploy/compose.env.example)")
+        # maximum_concurrent_rpcs bounds the calls queued for a thread; Generate streams are capped
+        # below the thread count by the servicer (max_streams), so health and Describe always get one
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
-                                options=grpc_options(settings.max_message_bytes),
+                                options=grpc_options(settings.max_message_bytes, settings.max_connection_idle_seconds),
+                                maximum_concurrent_rpcs=4 * settings.workers,
                                 interceptors=[security.TokenAuth(tokens)] if tokens else None)
         edge_pb2_grpc.add_EdgeInferenceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -75,7 +84,8 @@ class EdgeServer:
             self.grpc_port = self.grpc.add_insecure_port(bind)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
-        self._ops = uvicorn.Server(uvicorn.Config(create_ops_app(self.service), host=settings.host,
+        self._ops = uvicorn.Server(uvicorn.Config(create_ops_app(self.service, tokens if settings.ops_auth else []),
+                                                  host=settings.host,
                                                   port=settings.ops_port, log_level="warning", lifespan="off"))
         self._ops_thread = threading.Thread(target=self._ops.run, name="ops-http", daemon=True)
 
@@ -103,6 +113,7 @@ class EdgeServer:
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
         self.service.scheduler.close()
+        self.service.deadlines.close()
         self._ops.should_exit = True
         self._ops_thread.join(timeout=5)
         log.info("edge stopped")

@@ -14,6 +14,7 @@ is resumed from its own cache by `resume`, to the exact position, without a repl
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from coinfer.model.kv_cache import KVCache
-from coinfer.prefix import BLOCK
+from coinfer.prefix import BLOCK, PrefixChain
 from edge_server.tail import TailSession
 
 
@@ -51,7 +52,9 @@ class Kept:
     codec: str
     hashes: list[bytes]  # block hashes of the prefixes it holds: (i + 1) * BLOCK tokens
     owner: str = ""  # only sessions of the same client identity may claim it
-    session_id: str = ""  # the session it came from: `resume` finds it by this
+    session_id: str = ""  # the session it came from: `resume` finds it by this and its token
+    resume_token: bytes = b""
+    chain: PrefixChain | None = None  # names of its positions, when the session had them
     kept_at: float = field(default_factory=time.monotonic)
 
 
@@ -74,7 +77,7 @@ class SessionStore:
         self._sessions: dict[str, TailSession] = {}
         self._kept: OrderedDict[int, Kept] = OrderedDict()  # least recently kept first
         self._index: dict[tuple[str, bytes], int] = {}  # (owner, block hash) -> id(Kept)
-        self._by_session: dict[tuple[str, str], int] = {}  # (owner, session id) -> id(Kept)
+        self._by_session: dict[tuple[str, str, bytes], int] = {}  # (owner, session id, token) -> id(Kept)
         self._bytes = self.peak_bytes = 0
         self.stats = StoreStats()
         self._lock = threading.RLock()
@@ -113,15 +116,16 @@ class SessionStore:
                 self._sessions.pop(session_id, None)
                 self._free(session.cache)
 
-    def wait_released(self, session_id: str, owner: str, timeout: float) -> None:
-        """Wait until a live session of this id and owner ends: the device reopens a session whose
-        stream broke, and this edge may learn of the break after the device does (or never, behind
-        a proxy that does not pass the cancel on). The old stream is told to stop."""
+    def wait_released(self, session_id: str, owner: str, token: bytes, timeout: float) -> None:
+        """Wait until a live session of this id, owner and resume token ends: the device reopens a
+        session whose stream broke, and this edge may learn of the break after the device does (or
+        never, behind a proxy that does not pass the cancel on). The old stream is told to stop;
+        a caller without the session's token stops nothing."""
         deadline, told = time.monotonic() + timeout, False
         while time.monotonic() < deadline:
             with self._lock:
                 s = self._sessions.get(session_id)
-                if s is None or s.owner != owner:
+                if s is None or s.owner != owner or not hmac.compare_digest(s.resume_token, token):
                     return
             if not told and s.stop is not None:
                 s.stop()
@@ -186,29 +190,34 @@ class SessionStore:
         session no longer owns it."""
         if s.evicted or not s.cache.length:
             return False
-        hashes = s.chain.blocks_within(s.cache.length) if s.chain is not None else []  # [] : resume only
+        # without a chain (the device named nothing, or a resume in mid-block at split 0) the names of
+        # the blocks it started from still hold: they were checked when they were filed
+        hashes = s.chain.blocks_within(s.cache.length) if s.chain is not None else s.chain_blocks
         with self._lock:
-            kept = Kept(KVCache(0, 0, 0), s.split, s.codec, hashes, s.owner, s.session_id)
+            chain = PrefixChain(s.chain.state, s.chain.length) if s.chain is not None \
+                and s.chain.length == s.cache.length else None
+            kept = Kept(KVCache(0, 0, 0), s.split, s.codec, hashes, s.owner, s.session_id, s.resume_token, chain)
             kept.cache, s.cache = s.cache, kept.cache  # the live session ends holding an empty cache
             names = [(s.owner, h) for h in hashes]
             older = {self._index[n] for n in names if n in self._index}
-            if (s.owner, s.session_id) in self._by_session:  # an earlier stream of the same session
-                older.add(self._by_session[(s.owner, s.session_id)])
+            if _session_key(kept) in self._by_session:  # an earlier stream of the same session
+                older.add(self._by_session[_session_key(kept)])
             self._kept[id(kept)] = kept
             self._index.update((n, id(kept)) for n in names)
-            self._by_session[(s.owner, s.session_id)] = id(kept)
+            self._by_session[_session_key(kept)] = id(kept)
             for key in older:  # an older cache of a prefix of this one serves nothing the new one can't
                 old = self._kept.get(key)
                 if old is not None and not any(self._index.get((old.owner, h)) == key for h in old.hashes) \
-                        and self._by_session.get((old.owner, old.session_id)) != key:
+                        and self._by_session.get(_session_key(old)) != key:
                     self._drop_kept(key)
             return True
 
-    def resume(self, s: TailSession, positions: int) -> bool:
-        """Give s the kept cache of its own session id (same owner, split and codec), truncated to
-        `positions`; False when this edge does not hold that session (the device must replay)."""
+    def resume(self, s: TailSession, positions: int, token: bytes) -> bool:
+        """Give s the kept cache of its own session id (same owner, resume token, split and codec),
+        truncated to `positions`; False when this edge does not hold that session or the token is not
+        the session's (the device must replay: the answer is the same, so ids reveal nothing)."""
         with self._lock:
-            key = self._by_session.get((s.owner, s.session_id))
+            key = self._by_session.get((s.owner, s.session_id, token))
             kept = self._kept.get(key) if key is not None else None
             if kept is None or kept.split != s.split or kept.codec != s.codec or kept.cache.length < positions:
                 self.stats.missing += 1
@@ -245,14 +254,15 @@ class SessionStore:
         s.cache, s.chain_blocks = kept.cache, kept.hashes[: positions // BLOCK]
         s.cache.truncate(positions)
         self._bytes += s.cache.nbytes
+        s.start_state = _state_at(kept, positions)
 
     def _drop_kept(self, key: int, free: bool = True) -> None:
         kept = self._kept.pop(key)
         for h in kept.hashes:
             if self._index.get((kept.owner, h)) == key:
                 del self._index[(kept.owner, h)]
-        if self._by_session.get((kept.owner, kept.session_id)) == key:
-            del self._by_session[(kept.owner, kept.session_id)]
+        if self._by_session.get(_session_key(kept)) == key:
+            del self._by_session[_session_key(kept)]
         self._bytes -= kept.cache.nbytes
         if free:
             kept.cache.clear()
@@ -277,10 +287,26 @@ class SessionStore:
         return min(30.0, max(0.1, min(etas, default=1.0)))
 
     def snapshot(self) -> list[dict]:
+        """Live sessions for the ops endpoint: never their ids or tokens (an id names a session a
+        resume could ask for)."""
         with self._lock:
             return [
-                {"session_id": sid, "split": s.split, "codec": s.codec, "prompt_tokens": s.prompt_tokens,
+                {"split": s.split, "codec": s.codec, "prompt_tokens": s.prompt_tokens,
                  "cached_tokens": s.cached_tokens, "generated_tokens": s.generated, "kv_cache_bytes": s.cache.nbytes,
                  "evicted": s.evicted or None}
-                for sid, s in self._sessions.items()
+                for s in self._sessions.values()
             ]
+
+
+def _session_key(kept: Kept) -> tuple[str, str, bytes]:
+    return kept.owner, kept.session_id, kept.resume_token
+
+
+def _state_at(kept: Kept, positions: int) -> bytes | None:
+    """The prefix chain state after `positions` tokens of a kept cache, when its names tell it: the
+    whole chain, or a block boundary (the block hash is the state there)."""
+    if kept.chain is not None and kept.chain.length == positions:
+        return kept.chain.state
+    if positions % BLOCK == 0 and 0 < positions // BLOCK <= len(kept.hashes):
+        return kept.hashes[positions // BLOCK - 1]
+    return None

@@ -65,6 +65,8 @@ class TailSession:
     evicted: str = ""  # why the cache was evicted ("" = not evicted)
     decoding: bool = False
     stop: Callable[[], None] | None = None  # ends its stream's handling: a resume of the same session came
+    resume_token: bytes = b""  # the session's capability: a resume must present it
+    start_state: bytes | None = None  # prefix chain state at cached_tokens when known (split 0 verifies names)
 
     @property
     def position(self) -> int:

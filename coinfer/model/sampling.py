@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from coinfer.codec import NonFiniteState
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 
@@ -55,16 +56,41 @@ class Sampler:
 
 def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple[int, float]]:
     """One token per row of logits [B, V], row b drawn by samplers[b]: [(token id, logprob)].
+    Raises NonFiniteState for a row that cannot be sampled (see sample_each)."""
+    rows = sample_each(samplers, logits)
+    for row in rows:
+        if isinstance(row, NonFiniteState):
+            raise row
+    return rows  # type: ignore[return-value]
 
-    Softmax and argmax run once for the whole batch (the edge samples every session of a
-    batched decode step at once); only rows that are not greedy draw on their own.
+
+def sample_each(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple[int, float] | NonFiniteState]:
+    """One token per row of logits [B, V], row b drawn by samplers[b]: (token id, logprob), or a
+    NonFiniteState for a row with a NaN or infinite logit or whose draw raises (finite logits can
+    still overflow once divided by a small temperature). Softmax and argmax run once for the whole
+    batch; only rows that are not greedy draw on their own, each generator on its own row, so one
+    session's bad state in a batched decode step fails that session alone and the other rows get
+    what they would get alone.
     """
     logits = logits.float()
+    finite = torch.isfinite(logits).all(dim=-1).tolist()  # [B]
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     greedy = torch.argmax(logits, dim=-1).tolist()  # [B]
-    tokens = [g if s.params.greedy else s.draw(logits[b]) for b, (s, g) in enumerate(zip(samplers, greedy))]
-    picked = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
-    return list(zip(tokens, picked))
+    bad = "logits hold NaN or infinite values (the session's input overflowed in the model)"
+    drawn = [_draw_row(s, logits[b], g) if ok else NonFiniteState(bad)
+             for b, (s, g, ok) in enumerate(zip(samplers, greedy, finite))]
+    tokens = torch.tensor([0 if isinstance(d, Exception) else d for d in drawn])
+    picked = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    return [d if isinstance(d, Exception) else (d, p) for d, p in zip(drawn, picked)]
+
+
+def _draw_row(sampler: Sampler, logits: torch.Tensor, greedy: int) -> int | NonFiniteState:
+    if sampler.params.greedy:
+        return greedy
+    try:
+        return sampler.draw(logits)
+    except Exception as e:  # torch.multinomial on NaN probabilities: RuntimeError
+        return NonFiniteState(f"sampling failed: {e}")
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -141,7 +141,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("session_id", "fingerprint", "split", "codec", "sampling", "max_new_tokens", "stop_ids", "prefix_hashes", "prefix_lengths", "resume_tokens")
+    __slots__ = ("session_id", "fingerprint", "split", "codec", "sampling", "max_new_tokens", "stop_ids", "prefix_hashes", "prefix_lengths", "resume_tokens", "resume_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class Open(_message.Message):
     PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     fingerprint: str
     split: int
@@ -162,7 +163,8 @@ class Open(_message.Message):
     prefix_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     prefix_lengths: _containers.RepeatedScalarFieldContainer[int]
     resume_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., prefix_hashes: _Optional[_Iterable[bytes]] = ..., prefix_lengths: _Optional[_Iterable[int]] = ..., resume_tokens: _Optional[int] = ...) -> None: ...
+    resume_token: bytes
+    def __init__(self, session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., prefix_hashes: _Optional[_Iterable[bytes]] = ..., prefix_lengths: _Optional[_Iterable[int]] = ..., resume_tokens: _Optional[int] = ..., resume_token: _Optional[bytes] = ...) -> None: ...
 
 class Prefill(_message.Message):
     __slots__ = ("frame", "token_ids", "block_hashes", "chain_state")
@@ -203,18 +205,20 @@ class EdgeTimings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "cached_tokens", "limits", "resumed", "replica")
+    __slots__ = ("session_id", "cached_tokens", "limits", "resumed", "replica", "resume_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     cached_tokens: int
     limits: Limits
     resumed: bool
     replica: str
-    def __init__(self, session_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., resumed: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
+    resume_token: bytes
+    def __init__(self, session_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., resumed: _Optional[bool] = ..., replica: _Optional[str] = ..., resume_token: _Optional[bytes] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("id", "logprob", "position", "timings", "finish_reason")

@@ -1,13 +1,19 @@
-"""The device agent's FastAPI app: routes, OpenAI-style error bodies, request metrics."""
+"""The device agent's FastAPI app: routes, OpenAI-style error bodies, request metrics, and the limits
+that keep one client from taking the agent down: body size, concurrent generations, worker threads."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from device_agent.api.errors import APIError
 from device_agent.api.logic import ServingLogic
@@ -15,6 +21,10 @@ from device_agent.api.routes import completions, models, ops, plan
 from device_agent.generate import Engine
 
 log = logging.getLogger("coinfer.device")
+
+# worker threads beyond one per generation slot (a generation uses one at a time: tokenizing, then running),
+# for the routes that need one: /v1/models, /v1/plan, /readyz's edge probe
+SPARE_THREADS = 16
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -40,8 +50,24 @@ def require_api_key(request: Request) -> None:
                        "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def _thread_pool(threads: int) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Lifespan that sizes the worker thread pool (anyio's default limiter, 40 tokens, per event loop) to
+    `threads`: generations hold one thread each, so with the cap below the pool size they cannot take
+    every thread from the routes that need one."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        yield
+
+    return lifespan
+
+
 def create_app(engine: Engine, model_name: str) -> FastAPI:
-    app = FastAPI(title="coinfer device agent", version="1", docs_url="/docs", redoc_url=None)
+    settings = engine.settings
+    threads = max(40, settings.max_concurrent_requests + SPARE_THREADS)
+    app = FastAPI(title="coinfer device agent", version="1", docs_url="/docs", redoc_url=None,
+                  lifespan=_thread_pool(threads))
     app.state.logic = ServingLogic(engine, model_name)
     for r in (completions.router, models.router, plan.router):
         app.include_router(r, dependencies=[Depends(require_api_key)])
@@ -63,11 +89,66 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+        # the exception's text may hold paths, addresses or request data: it goes to the log under an id
+        # the client gets, never into the body
+        rid = uuid.uuid4().hex
+        log.error("internal error %s on %s", rid, request.url.path, exc_info=exc)
+        return APIError(500, f"internal error; request id {rid}", "server_error", "internal_error",
+                        headers={"X-Request-Id": rid}).response()
 
-    app.add_middleware(RequestCounter, metrics=engine.metrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestCounter, metrics=engine.metrics)  # added last: outermost, so it counts 413s
     return app
+
+
+class BodyLimit:
+    """413 for a request body over `max_bytes`, whether its Content-Length says so (answered before
+    reading any of it) or a chunked upload adds up to it (answered as soon as it does). Plain ASGI, as
+    RequestCounter. It reads the body before the app does and hands it on whole: the JSON routes read
+    it whole anyway, and so the refusal can still be a clean 413 rather than a route failing half way."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while uploading: nobody to answer
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Message:  # the body once, then the server's own messages (the disconnect)
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Connection: close, so the server drops the rest of the body instead of reading it
+        err = APIError(413, f"request body is larger than {self.max_bytes} bytes", code="request_too_large",
+                       headers={"Connection": "close"})
+        await err.response()(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 class RequestCounter:

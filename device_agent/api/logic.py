@@ -6,10 +6,13 @@ Synchronous on purpose: it runs in the threadpool (the model and gRPC calls bloc
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import jinja2
 from pydantic import BaseModel
 
 from coinfer.model.sampling import SamplingParams
@@ -17,6 +20,8 @@ from device_agent.api import protocol as p
 from device_agent.api.errors import APIError, from_edge
 from device_agent.edge_client import EdgeError
 from device_agent.generate import Delta, Engine, GenerationRequest, RequestError, Result
+
+log = logging.getLogger("coinfer.device")
 
 
 def sse(obj: BaseModel | dict | str) -> str:
@@ -30,10 +35,37 @@ def _usage(r: Result) -> p.Usage:
                    prompt_tokens_details=p.PromptTokensDetails(cached_tokens=r.stats.cached_tokens))
 
 
+class GenerationSlots:
+    """At most `limit` generations at once. One more is refused at once (503 + Retry-After), never queued:
+    a queue would hold a connection and, once it ran, a worker thread per waiting client, so a burst
+    would take every thread (health included) and answer its last requests after their clients gave up."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.active = limit, 0
+        self._lock = threading.Lock()  # released from the event loop and from worker threads alike
+
+    def acquire(self) -> Callable[[], None]:
+        """A slot, or APIError 503; returns its release, which may be called more than once."""
+        with self._lock:
+            if self.active >= self.limit:
+                raise APIError(503, f"the device agent is at its limit of {self.limit} concurrent generations; "
+                               "retry later", "server_error", "overloaded", headers={"Retry-After": "1"})
+            self.active += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self.active -= 1
+        return release
+
+
 class ServingLogic:
     def __init__(self, engine: Engine, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
         self.created = int(time.time())
+        self.slots = GenerationSlots(engine.settings.max_concurrent_requests)
 
     # -- requests --------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -57,8 +89,11 @@ class ServingLogic:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             ids = self.engine.tokenizer.encode_chat(messages)
-        except Exception as e:  # template errors (e.g. roles the template rejects) are the request's fault
+        except jinja2.TemplateError as e:  # raise_exception() of the template (e.g. roles it rejects): its words
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        except Exception:  # anything else the template tripped over: the messages' fault, but not our text to echo
+            log.warning("chat template failed on a request", exc_info=True)
+            raise APIError(400, "cannot apply the chat template to these messages", param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         return self._request(body, ids, max_tokens, self.engine.settings.default_max_tokens)
 
@@ -84,28 +119,35 @@ class ServingLogic:
         except EdgeError as e:
             raise from_edge(e) from None
 
-    def collect(self, req: GenerationRequest) -> tuple[str, Result]:
+    def collect(self, req: GenerationRequest, cancel: threading.Event | None = None) -> tuple[str, Result]:
+        """The whole generation. `cancel` set (the client hung up) stops it at the next token: closing the
+        engine's iterator ends the edge session, so nobody computes tokens that no one will read."""
+        req.cancel = cancel
         first, events = self.start(req)
         text, result = [], None
         try:
             for ev in _chain(first, events):
+                if cancel is not None and cancel.is_set():
+                    raise APIError(499, "the client closed the request", code="client_closed_request")
                 if isinstance(ev, Delta):
                     text.append(ev.text)
                 else:
                     result = ev
         except EdgeError as e:
             raise from_edge(e) from None
+        finally:
+            events.close()
         return "".join(text), result
 
-    def chat_response(self, req: GenerationRequest) -> p.ChatCompletion:
-        text, r = self.collect(req)
+    def chat_response(self, req: GenerationRequest, cancel: threading.Event | None = None) -> p.ChatCompletion:
+        text, r = self.collect(req, cancel)
         return p.ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
             choices=[p.ChatChoice(message=p.ResponseMessage(content=text), finish_reason=r.finish_reason)],
             usage=_usage(r), coinfer=r.stats.to_dict())
 
-    def completion_response(self, req: GenerationRequest) -> p.Completion:
-        text, r = self.collect(req)
+    def completion_response(self, req: GenerationRequest, cancel: threading.Event | None = None) -> p.Completion:
+        text, r = self.collect(req, cancel)
         return p.Completion(
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
             choices=[p.CompletionChoice(text=text, finish_reason=r.finish_reason)],

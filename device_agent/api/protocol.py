@@ -12,6 +12,20 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+METADATA_MAX = 128  # characters of an affinity key (user, X-Session-Id): it travels in every gRPC call's metadata
+
+
+def metadata_value(value: str, name: str) -> str:
+    """`value` if it can travel as a gRPC metadata value, else ValueError naming `name`.
+
+    gRPC accepts only printable ASCII in text metadata and raises (a 500 for the client) on anything else;
+    a bound keeps a client from sending kilobytes of metadata with every edge call."""
+    if not 1 <= len(value) <= METADATA_MAX or not all(" " <= ch <= "~" for ch in value):
+        raise ValueError(f"{name} must be 1 to {METADATA_MAX} printable ASCII characters (no control or "
+                         "non-ASCII characters)")
+    return value
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -34,8 +48,14 @@ class _Request(BaseModel):
     min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="accuracy budget of split 'auto': "
                                         "lossy codecs only where calibrated greedy agreement is at least this")
     ignore_eos: bool = False  # as vLLM: generate max_tokens even past end-of-sequence (benchmarks)
-    user: str | None = Field(None, max_length=256, description="end-user id (OpenAI); also the affinity key that "
-                             "keeps a conversation on one edge replica behind a proxy (header X-Session-Id wins)")
+    user: str | None = Field(None, description="end-user id (OpenAI); also the affinity key that keeps a "
+                             "conversation on one edge replica behind a proxy (header X-Session-Id wins): "
+                             f"{METADATA_MAX} printable ASCII characters at most")
+
+    @field_validator("user")
+    @classmethod
+    def _user_is_metadata_safe(cls, v: str | None) -> str | None:
+        return None if v is None else metadata_value(v, "user")
 
     @field_validator("stop")
     @classmethod

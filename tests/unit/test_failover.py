@@ -1,11 +1,22 @@
-"""Several edges: the device agent fails over to another edge mid-generation and replays there."""
+"""Several edges: the device agent fails over to another edge mid-generation and replays there;
+a pool whose edges are all full or silent makes the device wait or give up, never spin."""
 
 from __future__ import annotations
 
+import types
+
+import grpc
+import pytest
+
 from coinfer.model.sampling import SamplingParams
+from coinfer.v1 import edge_pb2 as pb
+from device_agent import remote
 from device_agent.cli import build_app
 from device_agent.config import AgentSettings
-from device_agent.generate import GenerationRequest, Result
+from device_agent.edge_client import EdgeError, Exchange
+from device_agent.edge_pool import EdgePool
+from device_agent.generate import GenerationRequest, Result, RunStats
+from device_agent.metrics import AgentMetrics
 from tests.serving import address, edge_server, greedy_reference
 
 PROMPT = [11, 40, 7, 23, 5, 88, 64, 3, 19]
@@ -125,3 +136,77 @@ def test_drain_lets_in_flight_sessions_finish_and_sends_new_ones_elsewhere(tiny_
         assert got == greedy_reference(tiny_dir, PROMPT, 120) and result.stats.replays == 0  # finished in place
         got2, result2 = second["run"]
         assert got2 == greedy_reference(tiny_dir, PROMPT, 24) and _sessions_opened(other) == 1
+
+
+def test_failover_reports_when_no_other_edge_answers_and_keeps_the_active_one(monkeypatch):
+    pool = EdgePool(["127.0.0.1:9", "127.0.0.1:10", "127.0.0.1:11"], down_seconds=60)  # channels connect lazily
+    answering = set()
+
+    def describe_timed(i):
+        def call(include_profile=False, timeout=None):
+            if i not in answering:
+                raise EdgeError(grpc.StatusCode.UNAVAILABLE, "no answer")
+            return pb.DescribeResponse(), Exchange(2, 2, 0.001)
+        return call
+
+    for i, c in enumerate(pool.clients):
+        monkeypatch.setattr(c, "describe_timed", describe_timed(i))
+    active, generation = pool.active, pool.generation
+    assert not pool.failover(why="lost")  # nobody answered: no blind rotation
+    assert pool.active is active and pool.generation == generation
+    pool._down_until = [0.0] * 3  # their down time is over; edge 2 answers now
+    pool._active, answering = 1, {2}
+    assert pool.failover(why="lost") and pool.active is pool.clients[2] and pool.generation == generation + 1
+    pool.close()
+
+
+class _FakeTime:
+    """remote.py's clock: sleeps advance it, nothing really waits."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 1000.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.now += s
+
+
+class _FullPool:
+    """Every edge answers RESOURCE_EXHAUSTED; failover always claims to have moved (the worst case)."""
+
+    def __init__(self, n: int) -> None:
+        self.clients, self.opens = [object()] * n, 0
+
+    def open(self, msg, affinity=""):
+        self.opens += 1
+        raise EdgeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "edge is full", retry_after=0.5)
+
+    def failover(self, why=None) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("holds_all", [False, True])
+def test_all_edges_full_waits_the_busy_budget_then_gives_up_or_finishes_here(monkeypatch, holds_all):
+    clock, pool = _FakeTime(), _FullPool(3)
+    monkeypatch.setattr(remote, "time", clock)
+    settings = AgentSettings(prefix_reuse=False, busy_wait_seconds=3.0, edge="")
+    head = types.SimpleNamespace(fingerprint="fp", holds_all_layers=holds_all)
+    runner = remote.EdgeRunner(settings, head, pool, None, AgentMetrics())
+    stats = RunStats(0, "token_ids", "requested")
+    local = lambda history, max_new: iter([(7, 0.0, "length")])  # noqa: E731
+    source = runner.tokens(GenerationRequest([1, 2, 3], 4), 0, "f32", frozenset(), stats, local)
+    if holds_all:
+        assert list(source) == [(7, 0.0, "length")] and stats.fallback
+    else:
+        with pytest.raises(EdgeError) as e:
+            list(source)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    waits = len(clock.slept)
+    assert waits >= 1 and pool.opens <= 3 * (1 + waits)
+    assert 3.0 - 1e-9 <= sum(clock.slept) <= 3.0 + 1.0
+    assert stats.busy_retries == pool.opens - 1 and stats.replays == 0

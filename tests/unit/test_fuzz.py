@@ -1,16 +1,19 @@
-"""Property tests (hypothesis): random and mutated tensor frames only ever raise CodecError; random
-protobuf messages in random orders into Generate only ever end in a gRPC status; the edge keeps
-serving a healthy session throughout."""
+"""Property tests (hypothesis): random and mutated tensor frames, and headers with hostile fields,
+only ever raise CodecError; random protobuf messages in random orders into Generate only ever end
+in a gRPC status; the edge keeps serving a healthy session throughout."""
 
 from __future__ import annotations
 
+import struct
+
 import grpc
+import msgpack
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coinfer.codec import CODECS, CodecError, decode, encode
+from coinfer.codec import CODECS, CodecError, decode, encode, frame_token_count
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
 from tests.serving import address, edge_server, greedy_reference, open_msg, session
@@ -43,6 +46,32 @@ def test_mutated_frames_only_raise_codec_error(name, edits, cut, tail):
     except CodecError:
         return
     assert torch.isfinite(y).all() and y.shape[-1] == D
+
+
+_DIM = st.one_of(st.integers(-2, 70), st.sampled_from([D, 2**26, 2**31, 2**32, 2**40, 2**63 - 1, 2**64 - 1]),
+                 st.booleans(), st.floats(allow_nan=True), st.none())
+_VALUE = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
+                                st.text(max_size=8), st.binary(max_size=64)),
+                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                  max_size=4),
+                      max_leaves=8)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.sampled_from(sorted(CODECS) + ["int3"]), st.one_of(st.lists(_DIM, max_size=5), _VALUE),
+       st.one_of(st.binary(max_size=300), _VALUE), st.one_of(_VALUE, st.integers(-1, 10**12)),
+       st.sampled_from(sorted(FRAMES)))
+def test_structured_headers_only_raise_codec_error(name, shape, scales, aux, body_of):
+    """Well-formed msgpack with hostile fields (wrapping shapes, unhashable aux, huge escape
+    counts) reaches every check past parsing; decode and frame_token_count only raise CodecError."""
+    (n,) = struct.unpack_from("<I", FRAMES[body_of])
+    h = msgpack.packb([2, name, shape, scales, aux], use_bin_type=True)
+    frame = struct.pack("<I", len(h)) + h + FRAMES[body_of][4 + n :]
+    for fn in (decode, frame_token_count):
+        try:
+            fn(frame, hidden_size=D, max_decoded_bytes=1 << 20)
+        except CodecError:
+            pass
 
 
 @pytest.fixture(scope="module")

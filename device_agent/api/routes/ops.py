@@ -1,4 +1,9 @@
-"""/healthz (process alive), /readyz (can serve: edge reachable, or all layers here), /metrics."""
+"""/healthz (process alive), /readyz (can serve: edge reachable, or all layers here), /metrics.
+
+/healthz and /metrics are async and quick, so they run on the event loop and need no worker thread:
+generations cannot starve them by holding the thread pool. /readyz needs one thread for its edge
+probe; the pool is sized above the generation cap (app.py) so one is always free.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ router = APIRouter()
 
 
 @router.get("/healthz")
-def healthz() -> dict:
+async def healthz() -> dict:
     return {"status": "ok"}
 
 
@@ -36,5 +41,5 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-def metrics(request: Request) -> Response:
+async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.logic.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
