@@ -11,7 +11,7 @@ CODEC     ?= f16
 GEN_SPLIT ?= 15
 STAMP     := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model proxies run generate test unit integration bench bench-partition bench-edge bench-codecs bench-soak bench-hostile bench-scale protos clean
+.PHONY: setup model proxies run generate lint test unit component integration bench bench-partition bench-edge bench-codecs bench-soak bench-hostile bench-scale protos docs clean
 
 setup: $(STAMP)
 
@@ -51,11 +51,27 @@ proxies:
 protos: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/coinfer/v1/edge.proto
 
-test: setup model proxies
-	COINFER_REQUIRE_MODEL=1 COINFER_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest tests
+# docs/configuration.md from the settings classes (tests/unit/test_docs.py checks it is current)
+docs: setup
+	$(BIN)/python -m coinfer.settings_docs > docs/configuration.md.tmp && mv docs/configuration.md.tmp docs/configuration.md
 
+# ruff (lint + format check) and mypy on the library packages and benchmarks (settings in pyproject.toml)
+lint: setup
+	$(BIN)/ruff check coinfer device_agent edge_server benchmarks
+	$(BIN)/ruff format --check coinfer device_agent edge_server benchmarks
+	$(BIN)/mypy
+
+# the linters, then every kind (tests/README.md), slow tests included; prints the 15 slowest
+test: setup lint model proxies
+	COINFER_REQUIRE_MODEL=1 COINFER_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest tests --durations=15
+
+# pure tests: no sockets, threads or compiles (under a minute)
 unit: setup
 	$(BIN)/python -m pytest tests/unit
+
+# in-process servers, gRPC, threads, torch.compile on the tiny models (slow ones included)
+component: setup
+	$(BIN)/python -m pytest tests/component
 
 integration: setup model proxies
 	COINFER_REQUIRE_MODEL=1 COINFER_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest tests/integration

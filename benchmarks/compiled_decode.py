@@ -11,20 +11,18 @@ same tokens. Writes benchmarks/results/compiled_decode.json and .png.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, parser, pyplot, write_results
 
 from coinfer.model import load_slice
 from coinfer.model.compiled import compile_decode
 from coinfer.model.generation import generate, model_step
 from coinfer.model.tokenizer import Tokenizer
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -35,8 +33,7 @@ def rate(model, ids: list[int], new: int) -> tuple[float, list[int]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/smollm2-135m-instruct")
+    p = parser(__doc__)
     p.add_argument("--precisions", nargs="+", default=["int4", "int8", "fp32"])
     p.add_argument("--new-tokens", type=int, nargs="+", default=[128, 300])
     p.add_argument("--rounds", type=int, default=5)
@@ -55,30 +52,37 @@ def main() -> None:
                 for name, m in (("eager", eager), ("compiled", compiled)):
                     r, outs[name] = rate(m, ids, new)
                     runs[name].append(r)
-            rows.append({"precision": precision, "new_tokens": new, "compile_s": seconds,
-                         "same_tokens": outs["eager"] == outs["compiled"], "eager": runs["eager"],
-                         "compiled": runs["compiled"]})
+            rows.append(
+                {
+                    "precision": precision,
+                    "new_tokens": new,
+                    "compile_s": seconds,
+                    "same_tokens": outs["eager"] == outs["compiled"],
+                    "eager": runs["eager"],
+                    "compiled": runs["compiled"],
+                }
+            )
     print(f"\n{torch.get_num_threads()} threads, {args.rounds} alternating rounds, tokens/s median (best)")
     print(f"{'precision':<10}{'new':>5}{'eager':>16}{'compiled':>16}{'speed-up':>10}{'compile s':>11}{'same':>6}")
     for r in rows:
         e, c = statistics.median(r["eager"]), statistics.median(r["compiled"])
         r["speedup_median"] = c / e
-        print(f"{r['precision']:<10}{r['new_tokens']:>5}{e:>9.1f} ({max(r['eager']):4.1f}){c:>9.1f} "
-              f"({max(r['compiled']):4.1f}){c / e:>9.2f}x{r['compile_s']:>11.1f}{str(r['same_tokens']):>6}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"benchmark": "compiled_decode", "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "rounds": args.rounds, "rows": rows}
-    (RESULTS / "compiled_decode.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot(rows, RESULTS / "compiled_decode.png")
-    print(f"wrote {RESULTS / 'compiled_decode.json'} and {RESULTS / 'compiled_decode.png'}")
+        print(
+            f"{r['precision']:<10}{r['new_tokens']:>5}{e:>9.1f} ({max(r['eager']):4.1f}){c:>9.1f} "
+            f"({max(r['compiled']):4.1f}){c / e:>9.2f}x{r['compile_s']:>11.1f}{str(r['same_tokens']):>6}"
+        )
+    out = {
+        "benchmark": "compiled_decode",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+    write_results(RESULTS / "compiled_decode.json", out, lambda png: plot(rows, png))
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     labels = [f"{r['precision']}, {r['new_tokens']} tok" for r in rows]
     y = range(len(rows))

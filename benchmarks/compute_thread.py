@@ -9,17 +9,14 @@ worker decodes again. Prints tokens/s of each, writes benchmarks/results/compute
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from _common import RESULTS, parser, pyplot, write_results
 
 from coinfer.model import load_slice
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def decode_rate(model, steps: int) -> float:
@@ -33,8 +30,7 @@ def decode_rate(model, steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/smollm2-135m-instruct")
+    p = parser(__doc__)
     p.add_argument("--steps", type=int, default=60)
     args = p.parse_args()
     worker = ThreadPoolExecutor(1)
@@ -47,23 +43,25 @@ def main() -> None:
     print(f"{'one thread only':<44}{one:>10.1f}")
     print(f"{'main thread (after the worker had run)':<44}{main_rate:>10.1f}")
     print(f"{'worker again, after the main thread ran':<44}{two:>10.1f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"benchmark": "compute_thread", "threads": torch.get_num_threads(), "one_thread_tokens_per_s": one,
-           "main_after_worker_tokens_per_s": main_rate, "worker_after_main_tokens_per_s": two}
-    (RESULTS / "compute_thread.json").write_text(json.dumps(out, indent=2) + "\n")
-    import matplotlib
+    out = {
+        "benchmark": "compute_thread",
+        "threads": torch.get_num_threads(),
+        "one_thread_tokens_per_s": one,
+        "main_after_worker_tokens_per_s": main_rate,
+        "worker_after_main_tokens_per_s": two,
+    }
+    write_results(RESULTS / "compute_thread.json", out, lambda png: plot(one, main_rate, two, png))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot(one: float, main_rate: float, two: float, path: Path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 2.6))
     ax.barh(["one thread only", "main, after worker", "worker, after main"], [one, main_rate, two], color="#4c72b0")
     ax.invert_yaxis()
     ax.set_xlabel("decode tokens/s (higher is better)")
     ax.set_title(f"torch work from one thread vs two ({torch.get_num_threads()} torch threads)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "compute_thread.png", dpi=110)
-    print(f"wrote {RESULTS / 'compute_thread.json'} and .png")
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

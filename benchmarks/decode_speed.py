@@ -16,8 +16,6 @@ Prints tables, writes benchmarks/results/decode_speed.json and .png.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -25,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, parser, pyplot, write_results
 
 from coinfer.model import load_slice
 from coinfer.model.accuracy import compare, decode_logits, full_logits
@@ -33,7 +32,6 @@ from coinfer.model.generation import generate, model_step
 from coinfer.model.texts import HELDOUT_PROSE
 from coinfer.model.tokenizer import Tokenizer
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -88,8 +86,9 @@ print(int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 102
 
 def rss_mib(model_dir: str, k: int, precision: str) -> int:
     """RSS of a fresh Python process after importing torch and loading the device slice [0, k) (k < 0: none)."""
-    out = subprocess.run([sys.executable, "-c", RSS_CODE, model_dir, str(k), precision], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_CODE, model_dir, str(k), precision], capture_output=True, text=True, check=True
+    )
     return int(out.stdout.strip())
 
 
@@ -127,7 +126,10 @@ def llama_cpp_rate(ids: list[int], new: int) -> float | None:
 
 def accuracy(model_dir: str, precision: str, ref_logits, ids: list[int]) -> dict:
     whole = load_slice(model_dir, precision=precision)
-    head_q, tail_q = load_slice(model_dir, 0, 15, precision=precision), load_slice(model_dir, 15, 30, precision=precision)
+    head_q, tail_q = (
+        load_slice(model_dir, 0, 15, precision=precision),
+        load_slice(model_dir, 15, 30, precision=precision),
+    )
     head, tail = load_slice(model_dir, 0, 15), load_slice(model_dir, 15, 30)
     out = {}
     for name, parts in (("monolithic", (whole,)), ("device_side", (head_q, tail)), ("edge_side", (head, tail_q))):
@@ -147,11 +149,7 @@ def compiled_accuracy(compiled: dict, ref_logits, ids: list[int]) -> dict:
 
 
 def plot(rows: list[dict], rss: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
     names = [r["impl"] for r in rows]
     a.barh(names, [r["decode_tokens_per_s"] for r in rows], color="#4c72b0")
@@ -194,19 +192,33 @@ def measure_speed(args, tok, ids, long_ids) -> tuple[list[dict], dict, dict]:
             outputs[name] = out
             if rnd:
                 runs[name].append((len(out) / secs, prefill))
-    rows = [{"impl": n, "decode_tokens_per_s": max(r[0] for r in rs), "prefill_512_s": min(r[1] for r in rs),
-             "new_tokens": args.new_tokens, "prefill_tokens": len(long_ids)} for n, rs in runs.items()]
+    rows = [
+        {
+            "impl": n,
+            "decode_tokens_per_s": max(r[0] for r in rs),
+            "prefill_512_s": min(r[1] for r in rs),
+            "new_tokens": args.new_tokens,
+            "prefill_tokens": len(long_ids),
+        }
+        for n, rs in runs.items()
+    ]
     heads = {p: head_rate(load_slice(args.model, 0, 15, precision=p), ids, args.new_tokens) for p in PRECISIONS}
     compiled = {p: models[f"coinfer {p} compiled"] for p in COMPILED if f"coinfer {p} compiled" in models}
     for p, m in compiled.items():  # a view [0, 15) shares the compiled blocks
         heads[f"{p} compiled"] = head_rate(m.narrow(0, 15), ids, args.new_tokens)
-    return rows, {"outputs_equal_fp32_vs_transformers": outputs["coinfer fp32"] == outputs["transformers fp32"],
-                  "head_k15_steps_per_s": heads, "compile_seconds": compile_s}, compiled
+    return (
+        rows,
+        {
+            "outputs_equal_fp32_vs_transformers": outputs["coinfer fp32"] == outputs["transformers fp32"],
+            "head_k15_steps_per_s": heads,
+            "compile_seconds": compile_s,
+        },
+        compiled,
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/smollm2-135m-instruct")
+    p = parser(__doc__)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3, help="rounds after one warm-up; the best is kept")
@@ -230,34 +242,53 @@ def main() -> None:
     rss = {p: {str(k): rss_mib(args.model, k, p) for k in RSS_SPLITS} for p in PRECISIONS}
     rss_base = rss_mib(args.model, -1, "fp32")
 
-    print(f"\nSmolLM2-135M-Instruct, {torch.get_num_threads()} threads; prompt {len(ids)} tokens, {args.new_tokens} "
-          f"greedy new tokens, best of {args.repeats} interleaved rounds")
+    print(
+        f"\nSmolLM2-135M-Instruct, {torch.get_num_threads()} threads; prompt {len(ids)} tokens, {args.new_tokens} "
+        f"greedy new tokens, best of {args.repeats} interleaved rounds"
+    )
     print(f"{'impl':<24}{'decode tok/s':>13}{'vs transformers':>17}{'prefill 512 (ms)':>18}")
     for r in rows:
         pre = f"{r['prefill_512_s'] * 1000:.0f}" if r["prefill_512_s"] else "-"
         print(f"{r['impl']:<24}{r['decode_tokens_per_s']:>13.1f}{r['decode_tokens_per_s'] / hf_rate:>16.2f}x{pre:>18}")
-    print(f"{'precision':<10}{'head k=15 steps/s':>18}" + "".join(f"{'RSS k=' + str(k) + ' MiB':>15}" for k in RSS_SPLITS)
-          + f"{'agree mono':>12}{'agree dev':>11}{'agree edge':>12}{'KL mono':>10}")
+    print(
+        f"{'precision':<10}{'head k=15 steps/s':>18}"
+        + "".join(f"{'RSS k=' + str(k) + ' MiB':>15}" for k in RSS_SPLITS)
+        + f"{'agree mono':>12}{'agree dev':>11}{'agree edge':>12}{'KL mono':>10}"
+    )
     for p in PRECISIONS:
         a = acc.get(p, {s: {"agreement": 1.0, "mean_kl": 0.0} for s in ("monolithic", "device_side", "edge_side")})
-        print(f"{p:<10}{extra['head_k15_steps_per_s'][p]:>18.1f}" + "".join(f"{rss[p][str(k)]:>15}" for k in RSS_SPLITS)
-              + f"{a['monolithic']['agreement']:>12.1%}{a['device_side']['agreement']:>11.1%}"
-              + f"{a['edge_side']['agreement']:>12.1%}{a['monolithic']['mean_kl']:>10.4f}")
+        print(
+            f"{p:<10}{extra['head_k15_steps_per_s'][p]:>18.1f}"
+            + "".join(f"{rss[p][str(k)]:>15}" for k in RSS_SPLITS)
+            + f"{a['monolithic']['agreement']:>12.1%}{a['device_side']['agreement']:>11.1%}"
+            + f"{a['edge_side']['agreement']:>12.1%}{a['monolithic']['mean_kl']:>10.4f}"
+        )
     for p, a in acc_compiled.items():
-        print(f"{p} compiled: head k=15 {extra['head_k15_steps_per_s'].get(p + ' compiled', 0):.1f} steps/s; whole "
-              f"model fed token by token (the decode path): agreement {a['agreement']:.1%}, mean KL {a['mean_kl']:.4f}")
-    print(f"RSS of python + torch with no model: {rss_base} MiB; fp32 greedy tokens equal transformers': "
-          f"{extra['outputs_equal_fp32_vs_transformers']}; fp32 dir loads in {load_s:.2f} s; "
-          f"llama.cpp: {'%.1f tok/s' % lcpp if lcpp else 'llama-cpp-python not installed'}")
+        print(
+            f"{p} compiled: head k=15 {extra['head_k15_steps_per_s'].get(p + ' compiled', 0):.1f} steps/s; whole "
+            f"model fed token by token (the decode path): agreement {a['agreement']:.1%}, mean KL {a['mean_kl']:.4f}"
+        )
+    print(
+        f"RSS of python + torch with no model: {rss_base} MiB; fp32 greedy tokens equal transformers': "
+        f"{extra['outputs_equal_fp32_vs_transformers']}; fp32 dir loads in {load_s:.2f} s; "
+        f"llama.cpp: {f'{lcpp:.1f} tok/s' if lcpp else 'llama-cpp-python not installed'}"
+    )
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "decode_speed", "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "torch": torch.__version__, "rows": rows, "accuracy": acc,
-              "accuracy_compiled_decode": acc_compiled, "rss_mib": rss, "rss_base_mib": rss_base,
-              "heldout_positions": len(held), "load_s": load_s, **extra}
-    (RESULTS / "decode_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, rss, RESULTS / "decode_speed.png")
-    print(f"wrote {RESULTS / 'decode_speed.json'} and {RESULTS / 'decode_speed.png'}")
+    result = {
+        "benchmark": "decode_speed",
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "rows": rows,
+        "accuracy": acc,
+        "accuracy_compiled_decode": acc_compiled,
+        "rss_mib": rss,
+        "rss_base_mib": rss_base,
+        "heldout_positions": len(held),
+        "load_s": load_s,
+        **extra,
+    }
+    write_results(RESULTS / "decode_speed.json", result, lambda png: plot(rows, rss, png))
 
 
 if __name__ == "__main__":

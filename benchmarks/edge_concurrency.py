@@ -16,41 +16,45 @@ aggregate. Prints a table, writes benchmarks/results/edge_concurrency.json and .
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import queue
 import statistics
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import grpc
 import httpx
 import torch
+from _common import RESULTS, parser, pyplot, write_results
 
 from coinfer import codec
-from coinfer.launcher import start_edge
+from coinfer.config_values import split_list
 from coinfer.model import load_slice
 from coinfer.model.generation import generate, model_step
 from coinfer.model.tokenizer import Tokenizer
 from coinfer.model.weights import read_fingerprint
+from coinfer.tools.launcher import start_edge
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
 
-RESULTS = Path(__file__).parent / "results"
 LOADS = (1, 4, 16, 32)
 SPLITS = (0, 15)
 N_PROMPTS = 8
 
 
 def prompts(tok: Tokenizer) -> list[list[int]]:
-    base = tok.encode(" ".join(f"Line {i}: the tide came in slowly over the grey stones." for i in range(40)),
-                      add_special_tokens=False)
+    base = tok.encode(
+        " ".join(f"Line {i}: the tide came in slowly over the grey stones." for i in range(40)),
+        add_special_tokens=False,
+    )
     # ragged (48..76 tokens); session i takes prompt (i + 4) % 8, so 1 session runs the 64-token one
-    return [base[4 * ((i + 4) % N_PROMPTS) : 4 * ((i + 4) % N_PROMPTS) + 48 + 4 * ((i + 4) % N_PROMPTS)]
-            for i in range(N_PROMPTS)]
+    return [
+        base[4 * ((i + 4) % N_PROMPTS) : 4 * ((i + 4) % N_PROMPTS) + 48 + 4 * ((i + 4) % N_PROMPTS)]
+        for i in range(N_PROMPTS)
+    ]
 
 
 def trajectories(model_dir: str, ids_list: list[list[int]], new: int, k: int) -> list[dict]:
@@ -75,8 +79,9 @@ def client(addr: str, fp: str, k: int, traj: dict, new: int, sid: str, out: dict
         stub = edge_pb2_grpc.EdgeInferenceStub(ch)
         q: queue.Queue = queue.Queue()
         q.put(pb.DeviceMessage(open=pb.Open(session_id=sid, fingerprint=fp, split=k, codec="f32", max_new_tokens=new)))
-        q.put(pb.DeviceMessage(prefill=pb.Prefill(token_ids=traj["ids"]) if k == 0 else
-                               pb.Prefill(frame=traj["prefill"])))
+        q.put(
+            pb.DeviceMessage(prefill=pb.Prefill(token_ids=traj["ids"]) if k == 0 else pb.Prefill(frame=traj["prefill"]))
+        )
         times, tokens = [], []
         t0 = time.perf_counter()
         for msg in stub.Generate(iter(q.get, None), timeout=600):
@@ -93,15 +98,21 @@ def client(addr: str, fp: str, k: int, traj: dict, new: int, sid: str, out: dict
 
 def edge_metrics(ops: str) -> dict[str, float]:
     text = httpx.get(ops + "/metrics", timeout=10).text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("coinfer_batch_size_")}
+    return {
+        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("coinfer_batch_size_")
+    }
 
 
 def run_load(edge, fp: str, k: int, trajs: list[dict], n: int, new: int) -> dict:
     before = edge_metrics(edge.ready["ops"])
     out: dict = {}
-    threads = [threading.Thread(target=client, args=(edge.ready["grpc"], fp, k, trajs[i % len(trajs)], new,
-                                                     f"s{i}-{time.monotonic_ns()}", out)) for i in range(n)]
+    threads = [
+        threading.Thread(
+            target=client,
+            args=(edge.ready["grpc"], fp, k, trajs[i % len(trajs)], new, f"s{i}-{time.monotonic_ns()}", out),
+        )
+        for i in range(n)
+    ]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -109,23 +120,27 @@ def run_load(edge, fp: str, k: int, trajs: list[dict], n: int, new: int) -> dict
         t.join()
     wall = time.perf_counter() - t0
     after = edge_metrics(edge.ready["ops"])
-    gaps = sorted(b - a for r in out.values() for a, b in zip(r["times"], r["times"][1:]))
+    gaps = sorted(b - a for r in out.values() for a, b in pairwise(r["times"]))
     steps = after.get("coinfer_batch_size_sum", 0) - before.get("coinfer_batch_size_sum", 0)
     batches = after.get("coinfer_batch_size_count", 0) - before.get("coinfer_batch_size_count", 0)
-    return {"sessions": n, "tokens": sum(len(r["times"]) for r in out.values()), "wall_s": wall,
-            "tokens_per_s": sum(len(r["times"]) for r in out.values()) / wall,
-            "itl_p50_ms": 1000 * statistics.median(gaps), "itl_p99_ms": 1000 * gaps[int(0.99 * (len(gaps) - 1))],
-            "mean_batch": steps / batches if batches else 0.0, "exact": all(r["exact"] for r in out.values())}
+    return {
+        "sessions": n,
+        "tokens": sum(len(r["times"]) for r in out.values()),
+        "wall_s": wall,
+        "tokens_per_s": sum(len(r["times"]) for r in out.values()) / wall,
+        "itl_p50_ms": 1000 * statistics.median(gaps),
+        "itl_p99_ms": 1000 * gaps[int(0.99 * (len(gaps) - 1))],
+        "mean_batch": steps / batches if batches else 0.0,
+        "exact": all(r["exact"] for r in out.values()),
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for (k, batching), style in zip([(k, bt) for k in SPLITS for bt in (True, False)], ["-o", ":o", "-s", ":s"]):
+    for (k, batching), style in zip(
+        [(k, bt) for k in SPLITS for bt in (True, False)], ["-o", ":o", "-s", ":s"], strict=True
+    ):
         rs = [r for r in rows if r["split"] == k and r["batching"] == batching]
         label = f"k={k} {'batched' if batching else 'one per forward'}"
         a.plot([r["sessions"] for r in rs], [r["tokens_per_s"] for r in rs], style, label=label)
@@ -144,15 +159,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/smollm2-135m-instruct")
+    p = parser(__doc__)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--splits", default=",".join(map(str, SPLITS)), help="fixed splits to measure, comma-separated")
     p.add_argument("--loads", default=",".join(map(str, LOADS)), help="concurrent sessions, comma-separated")
     p.add_argument("--edge-args", default="", help="extra edge-server flags for the batched edge (experiments)")
     p.add_argument("--no-baseline", action="store_true", help="skip the edge without batching")
     args = p.parse_args()
-    splits, loads = [int(x) for x in args.splits.split(",")], [int(x) for x in args.loads.split(",")]
+    splits, loads = [int(x) for x in split_list(args.splits)], [int(x) for x in split_list(args.loads)]
 
     tok, fp = Tokenizer(args.model), read_fingerprint(args.model)
     ids = prompts(tok)
@@ -169,40 +183,60 @@ def main() -> None:
                 run_load(edges[batching], fp, k, trajs[k], 2, 8)  # warm-up
             for n in loads:
                 for batching in modes:  # alternate: this host's speed drifts over minutes
-                    r = {"split": k, "batching": batching, **run_load(edges[batching], fp, k, trajs[k], n,
-                                                                       args.new_tokens)}
+                    r = {
+                        "split": k,
+                        "batching": batching,
+                        **run_load(edges[batching], fp, k, trajs[k], n, args.new_tokens),
+                    }
                     rows.append(r)
-                    print(f"  k={k} {'batched' if batching else 'single '} {n:>2} sessions: "
-                          f"{r['tokens_per_s']:.1f} tok/s, mean batch {r['mean_batch']:.1f}", flush=True)
+                    print(
+                        f"  k={k} {'batched' if batching else 'single '} {n:>2} sessions: "
+                        f"{r['tokens_per_s']:.1f} tok/s, mean batch {r['mean_batch']:.1f}",
+                        flush=True,
+                    )
     finally:
         for e in edges.values():
             e.stop()
 
-    print(f"\nSmolLM2-135M-Instruct fp32 edge, {os.cpu_count()} CPUs shared with the clients, loopback gRPC; "
-          f"{args.new_tokens} greedy tokens per session")
-    print(f"{'k':>3}{'edge':>17}{'sessions':>9}{'tok/s':>8}{'vs 1':>7}{'ITL p50 ms':>11}{'ITL p99 ms':>11}"
-          f"{'batch':>7}{'exact':>7}")
+    print(
+        f"\nSmolLM2-135M-Instruct fp32 edge, {os.cpu_count()} CPUs shared with the clients, loopback gRPC; "
+        f"{args.new_tokens} greedy tokens per session"
+    )
+    print(
+        f"{'k':>3}{'edge':>17}{'sessions':>9}{'tok/s':>8}{'vs 1':>7}{'ITL p50 ms':>11}{'ITL p99 ms':>11}"
+        f"{'batch':>7}{'exact':>7}"
+    )
     for r in rows:
-        single = next((x for x in rows if x["split"] == r["split"] and x["batching"] == r["batching"]
-                       and x["sessions"] == 1), r)
+        single = next(
+            (x for x in rows if x["split"] == r["split"] and x["batching"] == r["batching"] and x["sessions"] == 1), r
+        )
         r["vs_single"] = r["tokens_per_s"] / single["tokens_per_s"]
-        print(f"{r['split']:>3}{'batched' if r['batching'] else 'one per forward':>17}{r['sessions']:>9}"
-              f"{r['tokens_per_s']:>8.1f}{r['vs_single']:>6.1f}x{r['itl_p50_ms']:>11.1f}{r['itl_p99_ms']:>11.1f}"
-              f"{r['mean_batch']:>7.1f}{'yes' if r['exact'] else 'NO':>7}")
+        print(
+            f"{r['split']:>3}{'batched' if r['batching'] else 'one per forward':>17}{r['sessions']:>9}"
+            f"{r['tokens_per_s']:>8.1f}{r['vs_single']:>6.1f}x{r['itl_p50_ms']:>11.1f}{r['itl_p99_ms']:>11.1f}"
+            f"{r['mean_batch']:>7.1f}{'yes' if r['exact'] else 'NO':>7}"
+        )
     if args.edge_args or args.no_baseline or set(loads) != set(LOADS) or set(splits) != set(SPLITS):
         return  # an experiment: the committed results stay as they are
-    targets = {k: next(r["vs_single"] for r in rows if r["split"] == k and r["batching"] and r["sessions"] == 16)
-               for k in SPLITS}
+    targets = {
+        k: next(r["vs_single"] for r in rows if r["split"] == k and r["batching"] and r["sessions"] == 16)
+        for k in SPLITS
+    }
     for k, v in targets.items():
-        print(f"target k={k}: 16 sessions >= 4x single-session aggregate -> {v:.1f}x ({'met' if v >= 4 else 'NOT met'})")
+        print(
+            f"target k={k}: 16 sessions >= 4x single-session aggregate -> {v:.1f}x ({'met' if v >= 4 else 'NOT met'})"
+        )
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "edge_concurrency", "cpus": os.cpu_count(), "machine": platform.machine(),
-              "torch": torch.__version__, "new_tokens": args.new_tokens, "rows": rows,
-              "target_16_vs_1": {str(k): v for k, v in targets.items()}}
-    (RESULTS / "edge_concurrency.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, RESULTS / "edge_concurrency.png")
-    print(f"wrote {RESULTS / 'edge_concurrency.json'} and {RESULTS / 'edge_concurrency.png'}")
+    result = {
+        "benchmark": "edge_concurrency",
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+        "target_16_vs_1": {str(k): v for k, v in targets.items()},
+    }
+    write_results(RESULTS / "edge_concurrency.json", result, lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":

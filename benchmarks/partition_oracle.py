@@ -1,7 +1,7 @@
 """Does the partitioner choose well? Its choice vs an exhaustive sweep of cuts, on shaped links.
 
 Real processes: one edge-server (1 torch thread), one device-agent per (device slow-down,
-scenario) (1 torch thread), the link between them through our shaper (coinfer/shaper.py:
+scenario) (1 torch thread), the link between them through our shaper (coinfer/tools/shaper.py:
 rate each way + one-way delay = RTT / 2). Grid: uplink 256 kbit/s, 2, 20 Mbit/s x RTT 5,
 50 ms x device slow-down 1x, 4x (BENCHMARK EMULATION: the agent sleeps (f-1) x each
 forward's time) x {no floor, idle edge; privacy floor 2, edge busy with 8 background
@@ -35,14 +35,14 @@ import time
 from pathlib import Path
 
 import httpx
+from _common import RESULTS, parser, pyplot, write_results
 
-from coinfer.launcher import start_agent, start_edge
 from coinfer.model.prepare import DEFAULT_MODEL_DIR
 from coinfer.model.texts import HELDOUT_PROSE
 from coinfer.model.tokenizer import Tokenizer
-from coinfer.shaper import Shaper
+from coinfer.tools.launcher import start_agent, start_edge
+from coinfer.tools.shaper import Shaper
 
-RESULTS = Path(__file__).parent / "results"
 N = 30
 PROMPT, NEW = 128, 32
 LINKS = [(256e3, 0.005), (256e3, 0.05), (2e6, 0.005), (2e6, 0.05), (20e6, 0.005), (20e6, 0.05)]
@@ -59,8 +59,15 @@ def sweep_cuts(floor: int) -> list[int]:
 
 def run(api: httpx.Client, model: str, ids: list[int], split, limit: float | None) -> dict:
     """One streamed completion; stops reading after `limit` seconds (censored)."""
-    body = {"model": model, "prompt": ids, "max_tokens": NEW, "temperature": 0, "ignore_eos": True,
-            "stream": True, "split": split}
+    body = {
+        "model": model,
+        "prompt": ids,
+        "max_tokens": NEW,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "split": split,
+    }
     t0 = time.perf_counter()
     last: dict = {}
     with api.stream("POST", "/v1/completions", json=body) as r:
@@ -73,8 +80,13 @@ def run(api: httpx.Client, model: str, ids: list[int], split, limit: float | Non
                 chunk = json.loads(line[6:])
                 if "coinfer" in chunk:
                     last = chunk["coinfer"]
-    return {"split": last.get("split", split), "seconds": time.perf_counter() - t0, "censored": False,
-            "reason": last.get("split_reason", ""), "predicted": last.get("predicted", {}).get("total_seconds")}
+    return {
+        "split": last.get("split", split),
+        "seconds": time.perf_counter() - t0,
+        "censored": False,
+        "reason": last.get("split_reason", ""),
+        "predicted": last.get("predicted", {}).get("total_seconds"),
+    }
 
 
 def cell(api: httpx.Client, model: str, ids: list[int], floor: int) -> dict:
@@ -93,9 +105,17 @@ def cell(api: httpx.Client, model: str, ids: list[int], floor: int) -> dict:
     auto_runs = [{"split": r["split"], "seconds": r["seconds"]} for r in (chosen, second)]
     if second["split"] == chosen["split"]:
         chosen["seconds"] = min(chosen["seconds"], second["seconds"])
-    return score({"sweep": runs, "chosen": chosen, "auto_runs": auto_runs,
-                  "predicted_per_split": {c["split"]: c["total_seconds"] for c in plan["per_split"]},
-                  "link_estimate": plan["link"], "edge_load": plan["edge"], "plan_reason": plan["reason"]})
+    return score(
+        {
+            "sweep": runs,
+            "chosen": chosen,
+            "auto_runs": auto_runs,
+            "predicted_per_split": {c["split"]: c["total_seconds"] for c in plan["per_split"]},
+            "link_estimate": plan["link"],
+            "edge_load": plan["edge"],
+            "plan_reason": plan["reason"],
+        }
+    )
 
 
 def score(c: dict) -> dict:
@@ -109,16 +129,24 @@ def score(c: dict) -> dict:
     best_k = min(lat, key=lat.get)
     sweep_best = min(r["seconds"] for r in c["sweep"] if not r["censored"])
     auto = c["chosen"]["seconds"]
-    c.update(latency_per_split=lat, best_split=best_k, best_seconds=lat[best_k], chosen_seconds=lat[k],
-             regret=lat[k] / lat[best_k] - 1,
-             # the auto runs alone against the sweep alone: includes run-to-run noise of one config
-             regret_unpooled=auto / min(sweep_best, auto) - 1)
+    c.update(
+        latency_per_split=lat,
+        best_split=best_k,
+        best_seconds=lat[best_k],
+        chosen_seconds=lat[k],
+        regret=lat[k] / lat[best_k] - 1,
+        # the auto runs alone against the sweep alone: includes run-to-run noise of one config
+        regret_unpooled=auto / min(sweep_best, auto) - 1,
+    )
     return c
 
 
 def background(edge: str, sessions: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--background", str(sessions), "--edge", edge],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, __file__, "--background", str(sessions), "--edge", edge],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def background_main(edge: str, sessions: int) -> None:
@@ -134,9 +162,14 @@ def background_main(edge: str, sessions: int) -> None:
 
     def loop(i: int) -> None:
         while True:
-            msgs = [pb.DeviceMessage(open=pb.Open(session_id=f"bg-{i}-{time.monotonic_ns()}", fingerprint=fp,
-                                                  split=0, max_new_tokens=256)),
-                    pb.DeviceMessage(prefill=pb.Prefill(token_ids=list(range(100, 164))))]
+            msgs = [
+                pb.DeviceMessage(
+                    open=pb.Open(
+                        session_id=f"bg-{i}-{time.monotonic_ns()}", fingerprint=fp, split=0, max_new_tokens=256
+                    )
+                ),
+                pb.DeviceMessage(prefill=pb.Prefill(token_ids=list(range(100, 164)))),
+            ]
             try:
                 for _ in stub.Generate(iter(msgs)):
                     pass
@@ -155,15 +188,32 @@ def link_drop(api: httpx.Client, model: str, ids: list[int], shaper: Shaper) -> 
     after = [run(api, model, ids, "auto", None) for _ in range(5)]
     pre = before[-1]["split"]
     changed = next((i + 1 for i, r in enumerate(after) if r["split"] != pre), None)
-    return {"scenario": "device x4, floor 2, idle edge, RTT 5 ms: 20 Mbit/s -> 256 kbit/s",
-            "splits_before": [r["split"] for r in before], "splits_after": [r["split"] for r in after],
-            "seconds_after": [r["seconds"] for r in after], "requests_until_change": changed}
+    return {
+        "scenario": "device x4, floor 2, idle edge, RTT 5 ms: 20 Mbit/s -> 256 kbit/s",
+        "splits_before": [r["split"] for r in before],
+        "splits_after": [r["split"] for r in after],
+        "seconds_after": [r["seconds"] for r in after],
+        "requests_until_change": changed,
+    }
 
 
 def agent_for(model_dir: str, shaper: Shaper, slowdown: float, floor: int):
-    return start_agent(model_dir, f"127.0.0.1:{shaper.port}", args=[
-        "--torch-threads", "1", "--device-slowdown", str(slowdown), "--min-device-layers", str(floor),
-        "--describe-interval-seconds", "1", "--request-timeout-seconds", "600"])
+    return start_agent(
+        model_dir,
+        f"127.0.0.1:{shaper.port}",
+        args=[
+            "--torch-threads",
+            "1",
+            "--device-slowdown",
+            str(slowdown),
+            "--min-device-layers",
+            str(floor),
+            "--describe-interval-seconds",
+            "1",
+            "--request-timeout-seconds",
+            "600",
+        ],
+    )
 
 
 def grid(args, edge_addr: str, shaper: Shaper, ids: list[int]) -> tuple[list[dict], dict]:
@@ -181,8 +231,14 @@ def grid(args, edge_addr: str, shaper: Shaper, ids: list[int]) -> tuple[list[dic
                     for rate, rtt in links:
                         shaper.set(rate_bits=rate, delay=rtt / 2)
                         c = cell(api, model, ids, sc["floor"])
-                        c.update(rate_bits=rate, rtt=rtt, slowdown=slowdown, scenario=name, floor=sc["floor"],
-                                 busy=sc["busy"])
+                        c.update(
+                            rate_bits=rate,
+                            rtt=rtt,
+                            slowdown=slowdown,
+                            scenario=name,
+                            floor=sc["floor"],
+                            busy=sc["busy"],
+                        )
                         cells.append(c)
                         print(row(c), flush=True)
             finally:
@@ -205,24 +261,27 @@ def label(c: dict) -> str:
 
 
 def row(c: dict) -> str:
-    return (f"{label(c):<30} best k={c['best_split']:>2} {c['best_seconds']:6.2f}s  chosen k={c['chosen']['split']:>2} "
-            f"{c['chosen_seconds']:6.2f}s  regret {c['regret'] * 100:5.1f}%")
+    return (
+        f"{label(c):<30} best k={c['best_split']:>2} {c['best_seconds']:6.2f}s  chosen k={c['chosen']['split']:>2} "
+        f"{c['chosen_seconds']:6.2f}s  regret {c['regret'] * 100:5.1f}%"
+    )
 
 
 def plot(cells: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = 6
     rows = -(-len(cells) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax, c in zip(axes.flat, cells):
+    for ax, c in zip(axes.flat, cells, strict=False):
         done = [r for r in c["sweep"] if not r["censored"]]
         cens = [r for r in c["sweep"] if r["censored"]]
-        ax.plot(sorted(r["split"] for r in done), [r["seconds"] for r in sorted(done, key=lambda r: r["split"])],
-                "o-", ms=3, label="measured")
+        ax.plot(
+            sorted(r["split"] for r in done),
+            [r["seconds"] for r in sorted(done, key=lambda r: r["split"])],
+            "o-",
+            ms=3,
+            label="measured",
+        )
         if cens:
             ax.plot([r["split"] for r in cens], [r["seconds"] for r in cens], "^", mfc="none", ms=5, label="stopped at")
         pred = sorted((int(k), v) for k, v in c["predicted_per_split"].items())
@@ -231,7 +290,7 @@ def plot(cells: list[dict], path: Path) -> None:
         ax.set_title(f"{label(c)}\nregret {c['regret'] * 100:.1f}%", fontsize=7)
         ax.tick_params(labelsize=6)
     axes.flat[0].legend(fontsize=6)
-    for ax in list(axes.flat)[len(cells):]:
+    for ax in list(axes.flat)[len(cells) :]:
         ax.axis("off")
     fig.supxlabel("split k (layers on the device)")
     fig.supylabel("seconds: 128-token prompt + 32 new tokens")
@@ -240,8 +299,7 @@ def plot(cells: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.environ.get("COINFER_MODEL_DIR", DEFAULT_MODEL_DIR))
+    ap = parser(__doc__, os.environ.get("COINFER_MODEL_DIR", DEFAULT_MODEL_DIR))
     ap.add_argument("--quick", action="store_true", help="one link, device x4 only (a smoke run)")
     ap.add_argument("--rescore", default="", help="recompute regrets, table and PNG of a saved JSON run")
     ap.add_argument("--background", type=int, default=0, help=argparse.SUPPRESS)
@@ -268,27 +326,39 @@ def main() -> None:
         shaper.stop()
         edge.stop()
     summary = {**summarize(cells), "link_drop": drop, "wall_seconds": time.time() - t0}
-    result = {"host": platform.node(), "cpus": os.cpu_count(), "prompt_tokens": PROMPT, "new_tokens": NEW,
-              "censor_factor": CENSOR, "summary": summary, "cells": cells}
+    result = {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "prompt_tokens": PROMPT,
+        "new_tokens": NEW,
+        "censor_factor": CENSOR,
+        "summary": summary,
+        "cells": cells,
+    }
     write(result, cells, "partition_oracle_quick" if args.quick else "partition_oracle")
 
 
 def summarize(cells: list[dict]) -> dict:
     regrets, raw = [c["regret"] for c in cells], [c["regret_unpooled"] for c in cells]
-    return {"cells": len(cells), "median_regret": statistics.median(regrets), "worst_regret": max(regrets),
-            "median_regret_unpooled": statistics.median(raw), "worst_regret_unpooled": max(raw),
-            "chose_the_oracle_cut": sum(c["chosen"]["split"] == c["best_split"] for c in cells)}
+    return {
+        "cells": len(cells),
+        "median_regret": statistics.median(regrets),
+        "worst_regret": max(regrets),
+        "median_regret_unpooled": statistics.median(raw),
+        "worst_regret_unpooled": max(raw),
+        "chose_the_oracle_cut": sum(c["chosen"]["split"] == c["best_split"] for c in cells),
+    }
 
 
 def write(result: dict, cells: list[dict], name: str) -> None:
     s, drop = result["summary"], result["summary"]["link_drop"]
-    print(f"\nmedian regret {s['median_regret'] * 100:.1f}%, worst {s['worst_regret'] * 100:.1f}% (unpooled: "
-          f"{s['median_regret_unpooled'] * 100:.1f}%, {s['worst_regret_unpooled'] * 100:.1f}%) over {len(cells)} cells (oracle's cut chosen in {s['chose_the_oracle_cut']}); link drop: splits "
-          f"{drop['splits_before']} -> {drop['splits_after']}, changed after {drop['requests_until_change']} request(s)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(cells, RESULTS / f"{name}.png")
-    print(f"wrote {RESULTS / name}.json and .png")
+    print(
+        f"\nmedian regret {s['median_regret'] * 100:.1f}%, worst {s['worst_regret'] * 100:.1f}% (unpooled: "
+        f"{s['median_regret_unpooled'] * 100:.1f}%, {s['worst_regret_unpooled'] * 100:.1f}%) over {len(cells)} cells "
+        f"(oracle's cut chosen in {s['chose_the_oracle_cut']}); link drop: splits "
+        f"{drop['splits_before']} -> {drop['splits_after']}, changed after {drop['requests_until_change']} request(s)"
+    )
+    write_results(RESULTS / f"{name}.json", result, lambda png: plot(cells, png), indent=1)
 
 
 if __name__ == "__main__":

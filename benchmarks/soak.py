@@ -15,8 +15,6 @@ Prints a table, writes benchmarks/results/soak.json and .png.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import random
@@ -26,13 +24,13 @@ from pathlib import Path
 
 import grpc
 import httpx
+from _common import RESULTS, parser, pyplot, write_results
 
-from coinfer.launcher import start_agent, start_edge
 from coinfer.model.weights import read_fingerprint
+from coinfer.tools.launcher import start_agent, start_edge
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
 
-RESULTS = Path(__file__).parent / "results"
 WORDS = "harbour tide lantern river meadow engine letter window garden thunder bakery station".split()
 
 
@@ -45,8 +43,13 @@ def rss_mib(pid: int) -> float:
 
 def one_request(base: str, model: str, rng: random.Random) -> str:
     prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60)))
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": rng.randint(4, 32),
-            "temperature": rng.choice([0, 0.8]), "split": rng.choice([0, 8, 15, 29, "auto"])}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": rng.randint(4, 32),
+        "temperature": rng.choice([0, 0.8]),
+        "split": rng.choice([0, 8, 15, 29, "auto"]),
+    }
     action = rng.choice(["complete", "complete", "stream", "hang_up", "timeout"])
     try:
         if action == "complete":
@@ -66,9 +69,12 @@ def one_request(base: str, model: str, rng: random.Random) -> str:
 def vanishing_grpc(addr: str, fp: str, rng: random.Random) -> str:
     """Open, prefill, read a token or two, then cancel: a device that dies mid-session."""
     with grpc.insecure_channel(addr) as ch:
-        msgs = [pb.DeviceMessage(open=pb.Open(session_id=f"soak-{rng.random()}", fingerprint=fp, split=0,
-                                              max_new_tokens=64)),
-                pb.DeviceMessage(prefill=pb.Prefill(token_ids=[rng.randrange(100, 5000) for _ in range(20)]))]
+        msgs = [
+            pb.DeviceMessage(
+                open=pb.Open(session_id=f"soak-{rng.random()}", fingerprint=fp, split=0, max_new_tokens=64)
+            ),
+            pb.DeviceMessage(prefill=pb.Prefill(token_ids=[rng.randrange(100, 5000) for _ in range(20)])),
+        ]
         call = edge_pb2_grpc.EdgeInferenceStub(ch).Generate(iter(msgs), timeout=30)
         try:
             for i, _ in enumerate(call):
@@ -81,11 +87,7 @@ def vanishing_grpc(addr: str, fp: str, rng: random.Random) -> str:
 
 
 def plot(samples: list[tuple[float, float, int]], warm: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot([s[0] for s in samples], [s[1] for s in samples], label="edge RSS (MiB)")
     ax.axhline(warm * 1.1, color="k", ls="--", lw=0.8, label="warm-up level + 10%")
@@ -141,26 +143,44 @@ def after_state(edge) -> dict:
     sessions = httpx.get(edge.ready["ops"] + "/v1/sessions").json()["sessions"]
     info = httpx.get(edge.ready["ops"] + "/v1/info").json()["load"]
     metrics = httpx.get(edge.ready["ops"] + "/metrics").text
-    return {"live_sessions_after": len(sessions), "live_kv_bytes_after": sum(s["kv_cache_bytes"] for s in sessions),
-            "kept_caches_after": int(info.get("kept_caches", 0)), "kv_bytes_after": int(info.get("kv_cache_bytes", 0)),
-            "edge_outcomes": {line.split('"')[1]: float(line.split()[1]) for line in metrics.splitlines()
-                              if line.startswith("coinfer_sessions_total{")}}
+    return {
+        "live_sessions_after": len(sessions),
+        "live_kv_bytes_after": sum(s["kv_cache_bytes"] for s in sessions),
+        "kept_caches_after": int(info.get("kept_caches", 0)),
+        "kv_bytes_after": int(info.get("kv_cache_bytes", 0)),
+        "edge_outcomes": {
+            line.split('"')[1]: float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("coinfer_sessions_total{")
+        },
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/smollm2-135m-instruct")
+    p = parser(__doc__)
     p.add_argument("--sessions", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--warmup", type=int, default=20, help="sessions before the RSS baseline is taken")
-    p.add_argument("--prefix-reuse", action="store_true",
-                   help="let the edge keep finished caches (by design they then hold KV bytes, up to the budget)")
+    p.add_argument(
+        "--prefix-reuse",
+        action="store_true",
+        help="let the edge keep finished caches (by design they then hold KV bytes, up to the budget)",
+    )
     args = p.parse_args()
 
     # one torch thread each: both processes compute at once on this host's cores, and two OpenMP
     # teams of 2 on 2 cores stall at every barrier (README, edge concurrency): ~3 tokens/s in all
-    edge = start_edge(args.model, args=["--max-sessions", "32", "--torch-threads", "1",
-                                        "--prefix-reuse", "true" if args.prefix_reuse else "false"])
+    edge = start_edge(
+        args.model,
+        args=[
+            "--max-sessions",
+            "32",
+            "--torch-threads",
+            "1",
+            "--prefix-reuse",
+            "true" if args.prefix_reuse else "false",
+        ],
+    )
     try:
         agent = start_agent(args.model, edge.ready["grpc"], args=["--busy-wait-seconds", "30", "--torch-threads", "1"])
         try:
@@ -172,20 +192,34 @@ def main() -> None:
         edge.stop()
     final = samples[-1][1]
     growth = final / warm - 1
-    result = {"benchmark": "soak", "cpus": os.cpu_count(), "machine": platform.machine(), "sessions": args.sessions,
-              "concurrency": args.concurrency, "prefix_reuse": args.prefix_reuse, "actions": actions, **state,
-              "rss_warm_mib": warm, "rss_final_mib": final, "rss_peak_mib": max(s[1] for s in samples),
-              "rss_growth": growth, "seconds": samples[-1][0]}
-    print(f"\nsoak: {args.sessions} sessions, {args.concurrency} clients, {result['seconds']:.0f} s on "
-          f"{os.cpu_count()} CPUs; client actions {actions}; edge session outcomes {state['edge_outcomes']}")
-    print(f"after: live sessions {state['live_sessions_after']}, their KV bytes {state['live_kv_bytes_after']}; "
-          f"kept prefix caches {state['kept_caches_after']} ({state['kv_bytes_after']} B, within the budget)")
-    print(f"edge RSS: {warm:.0f} MiB after {args.warmup} sessions, peak {result['rss_peak_mib']:.0f}, "
-          f"final {final:.0f} MiB ({growth:+.1%}); target within 10% -> {'met' if abs(growth) <= 0.10 else 'NOT met'}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(samples, warm, RESULTS / "soak.png")
-    print(f"wrote {RESULTS / 'soak.json'} and {RESULTS / 'soak.png'}")
+    result = {
+        "benchmark": "soak",
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "sessions": args.sessions,
+        "concurrency": args.concurrency,
+        "prefix_reuse": args.prefix_reuse,
+        "actions": actions,
+        **state,
+        "rss_warm_mib": warm,
+        "rss_final_mib": final,
+        "rss_peak_mib": max(s[1] for s in samples),
+        "rss_growth": growth,
+        "seconds": samples[-1][0],
+    }
+    print(
+        f"\nsoak: {args.sessions} sessions, {args.concurrency} clients, {result['seconds']:.0f} s on "
+        f"{os.cpu_count()} CPUs; client actions {actions}; edge session outcomes {state['edge_outcomes']}"
+    )
+    print(
+        f"after: live sessions {state['live_sessions_after']}, their KV bytes {state['live_kv_bytes_after']}; "
+        f"kept prefix caches {state['kept_caches_after']} ({state['kv_bytes_after']} B, within the budget)"
+    )
+    print(
+        f"edge RSS: {warm:.0f} MiB after {args.warmup} sessions, peak {result['rss_peak_mib']:.0f}, "
+        f"final {final:.0f} MiB ({growth:+.1%}); target within 10% -> {'met' if abs(growth) <= 0.10 else 'NOT met'}"
+    )
+    write_results(RESULTS / "soak.json", result, lambda png: plot(samples, warm, png))
 
 
 if __name__ == "__main__":

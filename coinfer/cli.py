@@ -31,9 +31,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"coinfer calibrate: {e}", file=sys.stderr)
         return 2
     worst = {c: min(e.agreement for e in row.values()) for c, row in table.table.items()}
-    print(f"calibrated {len(table.table)} codecs x {len(next(iter(table.table.values())))} cuts on "
-          f"{table.positions} positions in {seconds:.0f} s -> {args.model}/{FILE}; lowest agreement per codec: "
-          + ", ".join(f"{c} {a:.1%}" for c, a in worst.items()))
+    print(
+        f"calibrated {len(table.table)} codecs x {len(next(iter(table.table.values())))} cuts on "
+        f"{table.positions} positions in {seconds:.0f} s -> {args.model}/{FILE}; lowest agreement per codec: "
+        + ", ".join(f"{c} {a:.1%}" for c, a in worst.items())
+    )
     return 0
 
 
@@ -61,10 +63,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(detok.push(token))
         sys.stdout.flush()
     elapsed = time.perf_counter() - t0
-    decode_rate = (n - 1) / (time.perf_counter() - first) if n > 1 else 0.0
+    ttft = first - t0 if first is not None else 0.0  # None when no token came
+    decode_rate = (n - 1) / (time.perf_counter() - first) if first is not None and n > 1 else 0.0
     print(
         f"\n[split {split.split}/{split.cfg.num_layers}, codec {split.codec}: {len(ids)} prompt + {n} new tokens "
-        f"in {elapsed:.2f}s, first token {first - t0:.3f}s, {decode_rate:.1f} tok/s, "
+        f"in {elapsed:.2f}s, first token {ttft:.3f}s, {decode_rate:.1f} tok/s, "
         f"{split.stats.bytes_per_token:.0f} B/token across the cut]",
         file=sys.stderr,
     )
@@ -72,7 +75,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from coinfer.launcher import up
+    from coinfer.tools.launcher import up
 
     agent_args = ["--split", args.split, "--codec", args.codec]
     return up(args.model, args.port, args.grpc_port, args.ops_port, agent_args)
@@ -83,14 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="turn a GGUF file or an HF model dir into a local model dir")
-    pr.add_argument("source", nargs="?", help="a .gguf file or an HF-format dir (default: the bundled SmolLM2-135M-Instruct)")
+    pr.add_argument(
+        "source", nargs="?", help="a .gguf file or an HF-format dir (default: the bundled SmolLM2-135M-Instruct)"
+    )
     pr.add_argument("--out", default=DEFAULT_MODEL_DIR, help=f"model dir to write (default: {DEFAULT_MODEL_DIR})")
     pr.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_cmd_prepare)
 
-    c = sub.add_parser("calibrate", help="measure every lossy codec at every cut (bytes, greedy agreement, KL) on "
-                                         "a built-in text; the planner's accuracy budget reads the table (~2 min)")
+    c = sub.add_parser(
+        "calibrate",
+        help="measure every lossy codec at every cut (bytes, greedy agreement, KL) on "
+        "a built-in text; the planner's accuracy budget reads the table (~2 min)",
+    )
     c.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"prepared model dir (default: {DEFAULT_MODEL_DIR})")
     c.set_defaults(func=_cmd_calibrate)
 
@@ -116,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--codec", default="f16", help="default codec: f32, f16, int8, int4 (default: f16)")
     u.set_defaults(func=_cmd_up)
 
-    for name, helptext in (("plan", "what split the partitioner would choose on a given link (table + PNG); "
-                                    "coinfer plan --help"),
-                           ("shape", "a rate- and delay-limited TCP proxy on 127.0.0.1 for trying thin links; "
-                                     "coinfer shape --help")):
+    for name, helptext in (
+        ("plan", "what split the partitioner would choose on a given link (table + PNG); coinfer plan --help"),
+        ("shape", "a rate- and delay-limited TCP proxy on 127.0.0.1 for trying thin links; coinfer shape --help"),
+    ):
         sp = sub.add_parser(name, help=helptext, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(func=_cmd_plan if name == "plan" else _cmd_shape)
@@ -127,14 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    # the umbrella CLI dispatches to the device agent's planner; the coinfer library itself never does
-    from device_agent.whatif import main as plan_main
+    from coinfer.tools.whatif import main as plan_main
 
     return plan_main(args.rest)
 
 
 def _cmd_shape(args: argparse.Namespace) -> int:
-    from coinfer.shaper import main as shape_main
+    from coinfer.tools.shaper import main as shape_main
 
     return shape_main(args.rest)
 

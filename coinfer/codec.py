@@ -1,17 +1,14 @@
 """Tensor frames: how hidden states cross the link between head and tail.
 
-A frame is `u32 header length | msgpack header | zstd body`. The header (frame version
-2, what `encode` writes) is the msgpack array `[2, codec, shape, scales, aux]`: `aux` is
-the escape count of a `uq*` frame, the scale dtype of an `int8` / `int4` one, else nil;
-the dtype (f32), the body length (the rest of the frame), a uq step and a group size
-are implied by the version and the codec. Version 1, the map `{v: 1, codec, shape,
-dtype, scales, body_len, extras}`, is still decoded. Why the array: a decode step sends
-one token, and the map spent 60-90 B of its ~600 B on names and implied values
-(benchmarks/codec_frontier.py, "step frame B"). The body is the quantized tensor,
-zstd-compressed. Codecs: `f32` (bit-exact), `f16`, `int8` (symmetric, per
-group of 64) and `int4` (symmetric, per group of 32, two values a byte), and the
-`uq*` family: a uniform step per token, `step` x the token's robust RMS (root of the
-median square, so the few massive-activation channels do not set it), every value
+A frame is `u32 header length | msgpack header | zstd body`. The header is the msgpack
+array `[2, codec, shape, scales, aux]` (2: the frame version): `aux` is the escape count
+of a `uq*` frame, the scale dtype of an `int8` / `int4` one, else nil; the dtype (f32),
+the body length (the rest of the frame), a uq step and a group size are implied by the
+codec, so a one-token step frame spends its bytes on values, not on names. The body is
+the quantized tensor, zstd-compressed. Codecs: `f32` (bit-exact), `f16`, `int8`
+(symmetric, per group of 64) and `int4` (symmetric, per group of 32, two values a byte),
+and the `uq*` family: a uniform step per token, `step` x the token's robust RMS (root of
+the median square, so the few massive-activation channels do not set it), every value
 rounded to a whole number of steps, one byte each with the rare values past +-127
 (those channels) sent apart exactly, and zstd's entropy coder packing the bytes to
 about their entropy. Per-group absmax scaling spends its range on the outliers of a
@@ -31,13 +28,14 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import numpy as np
 import torch
 import zstandard
 
-FRAME_VERSION = 2  # what encode writes; decode also reads version 1 (a map header)
+FRAME_VERSION = 2  # the one version encode writes and decode reads
 MAX_HEADER_BYTES = 1 << 16
 DEFAULT_MAX_DECODED_BYTES = 64 << 20  # cap on the decoded tensor, whatever the frame claims
 MAX_RANK = 4
@@ -104,9 +102,9 @@ def get_codec(name: str) -> Codec:
 
 def _quantize(x: np.ndarray, codec: Codec) -> tuple[bytes, bytes, str]:
     """x flat f32 -> (body, scales, scale dtype). Symmetric absmax per group."""
-    groups = np.zeros(codec.padded(x.size), dtype=np.float32)
-    groups[: x.size] = x
-    groups = groups.reshape(-1, codec.group)  # [n_groups, group]
+    padded = np.zeros(codec.padded(x.size), dtype=np.float32)
+    padded[: x.size] = x
+    groups = padded.reshape(-1, codec.group)  # [n_groups, group]
     scale = np.abs(groups).max(axis=1) / codec.qmax
     scale_dtype = "f16" if scale.max(initial=0.0) <= F16_MAX else "f32"  # f16 halves scale bytes
     stored = np.maximum(scale, F16_TINY).astype(SCALE_DTYPES[scale_dtype])
@@ -119,8 +117,8 @@ def _quantize(x: np.ndarray, codec: Codec) -> tuple[bytes, bytes, str]:
     return body, stored.tobytes(), scale_dtype
 
 
-def _uq_encode(a: np.ndarray, width: int, codec: Codec) -> tuple[bytes, bytes, dict]:
-    """a flat f32, rows of `width` -> (raw body, f16 robust RMS per row, extras)."""
+def _uq_encode(a: np.ndarray, width: int, codec: Codec) -> tuple[bytes, bytes, int]:
+    """a flat f32, rows of `width` -> (raw body, f16 robust RMS per row, escape count)."""
     rows = a.reshape(-1, width)
     rms = np.maximum(np.sqrt(np.median(rows * rows, axis=1)), F16_TINY)
     if rms.max() > F16_MAX:
@@ -134,7 +132,7 @@ def _uq_encode(a: np.ndarray, width: int, codec: Codec) -> tuple[bytes, bytes, d
     body = np.clip(q, -127, 127).astype(np.int8)
     body[far] = ESCAPE
     raw = body.tobytes() + far.astype(np.uint32).tobytes() + q[far].astype(np.int32).tobytes()
-    return raw, stored.tobytes(), {"step": codec.step, "escapes": int(far.size)}
+    return raw, stored.tobytes(), int(far.size)
 
 
 def encode(x: torch.Tensor, codec: str = "f32", level: int = ZSTD_LEVEL) -> bytes:
@@ -147,7 +145,8 @@ def encode(x: torch.Tensor, codec: str = "f32", level: int = ZSTD_LEVEL) -> byte
     a = x.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1)
     if not np.isfinite(a).all():
         raise CodecError("tensor holds NaN or Inf values")
-    scales, extras = None, {}
+    scales: bytes | None = None
+    aux: int | str | None = None  # what the codec does not imply: escape count, scale dtype
     if c.name == "f32":
         raw = a.tobytes()
     elif c.name == "f16":
@@ -155,12 +154,10 @@ def encode(x: torch.Tensor, codec: str = "f32", level: int = ZSTD_LEVEL) -> byte
             raise CodecError(f"values above {F16_MAX} do not fit f16; use f32 or int8")
         raw = a.astype(np.float16).tobytes()
     elif c.step:
-        raw, scales, extras = _uq_encode(a, x.shape[-1], c)
+        raw, scales, aux = _uq_encode(a, x.shape[-1], c)
     else:
-        raw, scales, extras["scale_dtype"] = _quantize(a, c)
-        extras["group"] = c.group
+        raw, scales, aux = _quantize(a, c)
     body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
-    aux = extras.get("escapes", extras.get("scale_dtype"))  # what the codec does not imply
     packed = msgpack.packb([FRAME_VERSION, c.name, list(x.shape), scales, aux], use_bin_type=True)
     return _LEN.pack(len(packed)) + packed + body
 
@@ -168,7 +165,17 @@ def encode(x: torch.Tensor, codec: str = "f32", level: int = ZSTD_LEVEL) -> byte
 # ---------------------------------------------------------------- decode
 
 
-def _parse_header(frame: bytes) -> tuple[dict, memoryview]:
+@dataclass(frozen=True)
+class Header:
+    """A frame's header as parsed, not yet validated (fields hold whatever msgpack decoded)."""
+
+    codec: Any
+    shape: Any
+    scales: Any
+    aux: Any  # uq: escape count; int8 / int4: scale dtype; others: None
+
+
+def _parse_header(frame: bytes) -> tuple[Header, memoryview]:
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise CodecError(f"a frame must be bytes, got {type(frame).__name__}")
     view = memoryview(frame)
@@ -186,33 +193,18 @@ def _parse_header(frame: bytes) -> tuple[dict, memoryview]:
         )  # fmt: skip
     except Exception as e:  # msgpack raises many types on garbage
         raise CodecError(f"header is not valid msgpack: {e}") from None
-    body = view[_LEN.size + hlen :]
-    if isinstance(header, list):
-        return _expand_v2(header, len(body)), body
-    if not isinstance(header, dict):
-        raise CodecError(f"header must be a map (version 1) or an array (version 2), got {type(header).__name__}")
-    if header.get("v") != 1 or not _is_int(header.get("v")):
-        raise CodecError(f"unsupported frame version {header.get('v')!r} in a map header (this side speaks 1 and 2)")
-    return header, body
-
-
-def _expand_v2(header: list, body_len: int) -> dict:
-    """A version-2 array header as the version-1 map it abbreviates, so one validation serves both."""
-    if len(header) != 5 or header[0] != 2 or not _is_int(header[0]):
-        raise CodecError(f"unsupported frame version: an array header must be [2, codec, shape, scales, aux], "
-                         f"got {len(header)} fields starting {header[:1]!r}")
-    _, name, shape, scales, aux = header
-    c = CODECS.get(name) if isinstance(name, str) else None  # an unknown one is reported by decode
-    if c is not None and c.step:
-        extras = {"step": c.step, "escapes": aux}
-    elif c is not None and c.group:
-        extras = {"group": c.group, "scale_dtype": aux}
-    elif c is not None and aux is not None:
-        raise CodecError(f"codec {name} carries no aux field, got {aux!r}")
-    else:
-        extras = {}
-    return {"v": 2, "codec": name, "shape": shape, "dtype": "f32", "scales": scales, "body_len": body_len,
-            "extras": extras}
+    if isinstance(header, dict):
+        raise CodecError(
+            f"unsupported frame version: a map header (version {header.get('v')!r}); this side "
+            f"reads version {FRAME_VERSION}, the array [{FRAME_VERSION}, codec, shape, scales, aux]"
+        )
+    if not isinstance(header, list) or len(header) != 5 or header[0] != FRAME_VERSION or not _is_int(header[0]):
+        fields = f"{len(header)} fields starting {header[:1]!r}" if isinstance(header, list) else type(header).__name__
+        raise CodecError(
+            f"unsupported frame version: the header must be the array [{FRAME_VERSION}, codec, shape, "
+            f"scales, aux], got {fields}"
+        )
+    return Header(*header[1:]), view[_LEN.size + hlen :]
 
 
 def _is_int(v) -> bool:
@@ -225,8 +217,9 @@ def _check_shape(shape, hidden_size: int | None, max_decoded_bytes: int) -> tupl
     if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK:
         raise CodecError(f"shape must be a list of 1..{MAX_RANK} dimensions, got {shape!r}")
     if not all(_is_int(s) and 0 < s <= max_decoded_bytes for s in shape):
-        raise CodecError(f"shape dimensions must be positive integers, each within the cap of {max_decoded_bytes}, "
-                         f"got {shape!r}")
+        raise CodecError(
+            f"shape dimensions must be positive integers, each within the cap of {max_decoded_bytes}, got {shape!r}"
+        )
     if hidden_size is not None and shape[-1] != hidden_size:
         raise CodecError(f"shape {shape} does not match the model's hidden size {hidden_size}")
     numel = math.prod(shape)
@@ -235,47 +228,37 @@ def _check_shape(shape, hidden_size: int | None, max_decoded_bytes: int) -> tupl
     return tuple(shape), numel
 
 
-def _check_scales(header: dict, c: Codec, numel: int, width: int) -> np.ndarray | None:
-    scales, extras = header.get("scales"), header.get("extras") or {}
-    if not isinstance(extras, dict):
-        raise CodecError("extras must be a map")
+def _check_scales(header: Header, c: Codec, numel: int, width: int) -> np.ndarray | None:
+    scales, aux = header.scales, header.aux
     if c.step:
-        if extras.get("step") != c.step:
-            raise CodecError(f"codec {c.name} needs step {c.step}, header says {extras.get('step')!r}")
-        escapes = extras.get("escapes")
-        if not _is_int(escapes) or not 0 <= escapes <= numel:
-            raise CodecError(f"escapes must be an integer in 0..{numel}, got {escapes!r}")
+        if not _is_int(aux) or not 0 <= aux <= numel:
+            raise CodecError(f"escapes must be an integer in 0..{numel}, got {aux!r}")
         if not isinstance(scales, bytes) or len(scales) != numel // width * 2:
             raise CodecError(f"scales must be {numel // width} f16 values, one per row")
-        s = np.frombuffer(scales, dtype=np.float16).astype(np.float32)
-        if not np.isfinite(s).all() or (s < 0).any():
-            raise CodecError("scales must be finite and non-negative")
-        return s
+        return _finite_scales(np.frombuffer(scales, dtype=np.float16))
     if not c.group:
+        if aux is not None:
+            raise CodecError(f"codec {c.name} carries no aux field, got {aux!r}")
         if scales:
             raise CodecError(f"codec {c.name} carries no scales")
         return None
-    if extras.get("group") != c.group:
-        raise CodecError(f"codec {c.name} needs group {c.group}, header says {extras.get('group')!r}")
-    name = extras.get("scale_dtype")
-    dt = SCALE_DTYPES.get(name) if isinstance(name, str) else None  # a list or map is unhashable
+    dt = SCALE_DTYPES.get(aux) if isinstance(aux, str) else None  # a list or map is unhashable
     if dt is None:
-        raise CodecError(f"unknown scale dtype {extras.get('scale_dtype')!r} (known: {', '.join(SCALE_DTYPES)})")
+        raise CodecError(f"unknown scale dtype {aux!r} (known: {', '.join(SCALE_DTYPES)})")
     n_groups = c.padded(numel) // c.group
     if not isinstance(scales, bytes) or len(scales) != n_groups * np.dtype(dt).itemsize:
-        raise CodecError(f"scales must be {n_groups} {extras['scale_dtype']} values")
-    s = np.frombuffer(scales, dtype=dt).astype(np.float32)
+        raise CodecError(f"scales must be {n_groups} {aux} values")
+    return _finite_scales(np.frombuffer(scales, dtype=dt))
+
+
+def _finite_scales(stored: np.ndarray) -> np.ndarray:
+    s = stored.astype(np.float32)
     if not np.isfinite(s).all() or (s < 0).any():
         raise CodecError("scales must be finite and non-negative")
     return s
 
 
-def _decompress(body: memoryview, header: dict, expected: int) -> bytes:
-    declared = header.get("body_len")
-    if not _is_int(declared):
-        raise CodecError("header has no integer body_len")
-    if len(body) != declared:
-        raise CodecError(f"body is {len(body)} bytes but the header declares {declared}")
+def _decompress(body: memoryview, expected: int) -> bytes:
     try:
         # our encoder always writes the content size: checking it first bounds the allocation
         size = zstandard.frame_content_size(bytes(body[:18]))
@@ -293,29 +276,29 @@ def _decompress(body: memoryview, header: dict, expected: int) -> bytes:
     return raw
 
 
-def _uq_body_bytes(header: dict, numel: int) -> int:
-    return numel + 8 * header["extras"]["escapes"]  # int8 per value + (u32 index, i32 value) per escape
+def _uq_body_bytes(escapes: int, numel: int) -> int:
+    return numel + 8 * escapes  # int8 per value + (u32 index, i32 value) per escape
 
 
 def _check_header(
-    header: dict, hidden_size: int | None, max_decoded_bytes: int
+    header: Header, hidden_size: int | None, max_decoded_bytes: int
 ) -> tuple[Codec, tuple[int, ...], int, np.ndarray | None, int]:
     """Every check that needs only the header: (codec, shape, numel, scales, decompressed body bytes).
 
     The body size is held to the cap as well as the tensor: a uq frame claiming one escape
     per value would otherwise decompress to 9 bytes per value, 2.25x the cap."""
-    c = get_codec(header.get("codec"))
-    if header.get("dtype") != "f32":
-        raise CodecError(f"unsupported dtype {header.get('dtype')!r} (only f32)")
-    shape, numel = _check_shape(header.get("shape"), hidden_size, max_decoded_bytes)
+    c = get_codec(header.codec)
+    shape, numel = _check_shape(header.shape, hidden_size, max_decoded_bytes)
     scales = _check_scales(header, c, numel, shape[-1])
-    expected = _uq_body_bytes(header, numel) if c.step else c.body_bytes(numel)
+    expected = _uq_body_bytes(header.aux, numel) if c.step else c.body_bytes(numel)
     if expected > max_decoded_bytes:
         raise CodecError(f"body would decompress to {expected} bytes, over the cap of {max_decoded_bytes}")
     return c, shape, numel, scales, expected
 
 
-def _uq_dequantize(raw: bytes, c: Codec, rms: np.ndarray, numel: int, width: int) -> np.ndarray:
+def _uq_dequantize(raw: bytes, c: Codec, rms: np.ndarray | None, numel: int, width: int) -> np.ndarray:
+    if rms is None:  # _check_scales returns them for every quantized codec
+        raise CodecError(f"codec {c.name} needs scales")
     n = (len(raw) - numel) // 8
     q = np.frombuffer(raw, dtype=np.int8, count=numel).astype(np.float32)
     idx = np.frombuffer(raw, dtype=np.uint32, count=n, offset=numel).astype(np.int64)
@@ -340,6 +323,8 @@ def _dequantize(raw: bytes, c: Codec, scales: np.ndarray | None, numel: int) -> 
         q[0::2], q[1::2] = (u & 0x0F).astype(np.int8) - 8, (u >> 4).astype(np.int8) - 8
     else:
         q = np.frombuffer(raw, dtype=np.int8)
+    if scales is None:  # _check_scales returns them for every quantized codec
+        raise CodecError(f"codec {c.name} needs scales")
     x = q.reshape(-1, c.group).astype(np.float32) * scales[:, None]
     return x.reshape(-1)[:numel]
 
@@ -352,7 +337,7 @@ def decode(
     the decompression, and lets no non-finite state into a shared decode batch."""
     header, body = _parse_header(frame)
     c, shape, numel, scales, expected = _check_header(header, hidden_size, max_decoded_bytes)
-    raw = _decompress(body, header, expected)
+    raw = _decompress(body, expected)
     with np.errstate(over="ignore", invalid="ignore"):  # huge scales overflow to inf: refused just below
         x = _uq_dequantize(raw, c, scales, numel, shape[-1]) if c.step else _dequantize(raw, c, scales, numel)
     if not np.isfinite(x).all():
@@ -376,7 +361,6 @@ def frame_token_count(
     return shape[0]
 
 
-def peek_header(frame: bytes) -> dict:
-    """The frame's header as a version-1 map, for logs and byte accounting (not validated beyond
-    parsing)."""
+def peek_header(frame: bytes) -> Header:
+    """The frame's header, for logs and tests (not validated beyond parsing)."""
     return _parse_header(frame)[0]

@@ -49,17 +49,27 @@ class CodecAccuracy:
         return {c: {k: e.agreement for k, e in row.items()} for c, row in self.table.items()}
 
     def to_json(self) -> dict:
-        return {"fingerprint": self.fingerprint, "text": self.text, "positions": self.positions,
-                "table": {c: {str(k): vars(e) for k, e in row.items()} for c, row in self.table.items()}}
+        return {
+            "fingerprint": self.fingerprint,
+            "text": self.text,
+            "positions": self.positions,
+            "table": {c: {str(k): vars(e) for k, e in row.items()} for c, row in self.table.items()},
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "CodecAccuracy":
-        return cls(d["fingerprint"], d["text"], int(d["positions"]),
-                   {c: {int(k): Entry(**e) for k, e in row.items()} for c, row in d["table"].items()})
+    def from_json(cls, d: dict) -> CodecAccuracy:
+        return cls(
+            d["fingerprint"],
+            d["text"],
+            int(d["positions"]),
+            {c: {int(k): Entry(**e) for k, e in row.items()} for c, row in d["table"].items()},
+        )
 
 
 def hidden_after_every_layer(model: ModelSlice, ids: list[int]) -> list[torch.Tensor]:
     """[hidden after layer k for k in 0..N-1] ([T, d] each; k = 0 is the embedding output)."""
+    if model.embed_tokens is None:
+        raise ValueError("hidden_after_every_layer needs a slice with the embedding")
     x = model.embed_tokens(torch.tensor([ids])).to(model.dtype)  # [1, T, d]
     T = x.shape[1]
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T), x.dtype)
@@ -70,8 +80,15 @@ def hidden_after_every_layer(model: ModelSlice, ids: list[int]) -> list[torch.Te
     return states
 
 
-def measure(model: ModelSlice, ids: list[int], codec_names: Iterable[str], cuts: Iterable[int],
-            fingerprint: str = "", text: str = "custom", progress=None) -> CodecAccuracy:
+def measure(
+    model: ModelSlice,
+    ids: list[int],
+    codec_names: Iterable[str],
+    cuts: Iterable[int],
+    fingerprint: str = "",
+    text: str = "custom",
+    progress=None,
+) -> CodecAccuracy:
     """The table for a whole model (embedding to lm_head). Run it on the compute thread."""
     n = model.num_layers
     table: dict[str, dict[int, Entry]] = {c: {} for c in codec_names}
@@ -104,8 +121,9 @@ def calibrate(model_dir: str | Path, codec_names: Iterable[str] | None = None) -
     ids = Tokenizer(model_dir).encode(CALIBRATION_PROSE, add_special_tokens=False)
     model = compute.run(load_slice, model_dir)
     names = [c for c in (codec_names or codecs.CODECS) if not codecs.CODECS[c].lossless]
-    table = compute.run(measure, model, ids, names, range(1, model.num_layers), read_fingerprint(model_dir),
-                        "calibration")
+    table = compute.run(
+        measure, model, ids, names, range(1, model.num_layers), read_fingerprint(model_dir), "calibration"
+    )
     (Path(model_dir) / FILE).write_text(json.dumps(table.to_json(), indent=1) + "\n")
     return table, time.perf_counter() - t0
 

@@ -2,10 +2,8 @@
 
 Why: libgomp keeps one OpenMP thread team per calling thread. Once two threads of a process
 have run parallel regions, there are more OpenMP threads than cores on a small CPU, libgomp
-stops spin-waiting, and every parallel region pays a futex wake-up. `python
-benchmarks/compute_thread.py` on this 2-core host (SmolLM2 decode steps, 2 torch threads):
-22.6 tokens/s when one thread did everything, 13.9 once the main thread had also run torch
-ops (about the speed of 1 thread).
+stops spin-waiting, and every parallel region pays a futex wake-up: decode falls to about the
+speed of one thread (`python benchmarks/compute_thread.py` measures it; benchmarks/README.md).
 Servers hand work to this thread from their gRPC / HTTP handler threads and wait for it;
 it also serializes forwards, which on a CPU only fight over the same cores anyway.
 """

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 
+from coinfer import wire
+
 BLOCK = 16  # tokens per block: reuse is granular to 16 positions (at most 15 resent)
 DIGEST = 16  # bytes per hash
 
@@ -25,7 +27,7 @@ def _h(*parts: bytes) -> bytes:
 
 def seed(fingerprint: str, split: int, codec: str, device_weights: str) -> bytes:
     # at k = 0 the edge computes everything from token ids: codec and device weights do not matter
-    codec, device_weights = ("token_ids", "-") if split == 0 else (codec, device_weights)
+    codec, device_weights = (wire.TOKEN_IDS, "-") if split == 0 else (codec, device_weights)
     return _h(f"coinfer-prefix-v1|{fingerprint}|{split}|{codec}|{device_weights}".encode())
 
 
@@ -37,7 +39,7 @@ class PrefixChain:
         self.blocks: list[bytes] = list(blocks or [])
 
     @classmethod
-    def over(cls, seed_hash: bytes, ids: list[int]) -> "PrefixChain":
+    def over(cls, seed_hash: bytes, ids: list[int]) -> PrefixChain:
         chain = cls(seed_hash)
         chain.extend(ids)
         return chain
@@ -69,7 +71,7 @@ def offer_lengths(reusable: int, near: int = 2) -> list[int]:
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # the lists may differ in length
         if x != y:
             break
         n += 1

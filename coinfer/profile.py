@@ -1,10 +1,9 @@
-"""Per-layer cost profiles: what each side's hardware takes per layer, measured at start-up.
+"""Measuring cost profiles: what each side's hardware takes per layer, timed at start-up.
 
-A `CostProfile` covers the layers [start, stop) one side holds (device: [0, D), edge:
-[m, N)) and gives, per layer, prefill seconds as a line in the token count (fitted over a
-few prompt sizes) and decode seconds per token; plus the embedding and norm + lm_head.
-The device also measures `wire`: the bytes a hidden-state frame takes after each layer for
-each codec, so the partitioner prices the link with real frames, not a formula.
+The profile itself (coinfer/planning/cost_profile.py) is plain numbers: per layer, prefill
+seconds as a line in the token count (fitted here over a few prompt sizes) and decode seconds
+per token, the embedding and the head; on the device also the bytes of a hidden-state frame
+after each layer for each codec (measured here by encoding real hidden states).
 
 Profiles are measured once per (model fingerprint, host, precision, threads, torch) and
 cached as JSON, because measuring costs a few seconds on a small CPU.
@@ -13,13 +12,11 @@ cached as JSON, because measuring costs a few seconds on a small CPU.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import platform
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,113 +25,22 @@ from coinfer import codec as codecs
 from coinfer.model.compiled import GroupedDecode
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice, causal_mask, decode_layers, rope_cos_sin
+from coinfer.model.weights import load_head, read_fingerprint
+from coinfer.planning.cost_profile import CostProfile, Line
 
 log = logging.getLogger("coinfer.profile")
 PROFILE_VERSION = 2
 PREFILL_SIZES = (16, 64, 128)  # tokens; a line through these prices any prompt length
 DECODE_CONTEXT = 128  # decode steps are timed after a prefill of this many tokens
-STEP_MESSAGE_OVERHEAD = 20  # protobuf + gRPC + HTTP/2 framing around a Step frame, bytes
 DEFAULT_PROFILE_DIR = "~/.cache/coinfer/profiles"
-
-
-@dataclass(frozen=True)
-class Line:
-    """seconds (or bytes) = fixed + per_token * tokens"""
-
-    fixed: float
-    per_token: float
-
-    def __call__(self, tokens: int) -> float:
-        return self.fixed + self.per_token * tokens
-
-    @staticmethod
-    def fit(xs: list[float], ys: list[float]) -> "Line":
-        """Least squares; slope and intercept clamped at 0 (costs do not shrink with tokens)."""
-        n = len(xs)
-        mx, my = sum(xs) / n, sum(ys) / n
-        var = sum((x - mx) ** 2 for x in xs)
-        slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var else 0.0
-        return Line(max(0.0, my - slope * mx), slope)
-
-
-@dataclass
-class CostProfile:
-    start: int  # first layer covered
-    stop: int  # one past the last layer covered
-    layer_prefill: list[Line]  # per layer: seconds for a T-token prefill
-    layer_decode: list[float]  # per layer: seconds per decode token
-    embed: float = 0.0  # one embedding lookup call, s (0 when the side has no embedding)
-    head: float = 0.0  # norm + lm_head + sampling for one token, s (0 when no head)
-    precision: str = "fp32"
-    threads: int = 1
-    host: str = ""
-    measured_at: float = 0.0
-    slowdown: float = 1.0  # device emulation factor already applied to every figure (benchmarks)
-    # codec -> per cut k (index k - start - 1, k in (start, stop]): frame bytes = fixed + per_token * T
-    wire: dict[str, list[Line]] = field(default_factory=dict)
-    num_layers: int = 0  # layers of the whole model (0: stop)
-
-    def __post_init__(self) -> None:
-        self.num_layers = self.num_layers or self.stop
-
-    @property
-    def whole_model(self) -> bool:
-        """Holds every layer and the head: can generate alone."""
-        return self.start == 0 and self.stop == self.num_layers and self.head > 0
-
-    # -- pricing ----------------------------------------------------------------------------
-    def _layers(self, a: int, b: int) -> range:
-        if not self.start <= a <= b <= self.stop:
-            raise ValueError(f"layers [{a}, {b}) are not in this profile's [{self.start}, {self.stop})")
-        return range(a - self.start, b - self.start)
-
-    def prefill(self, a: int, b: int, tokens: int) -> float:
-        """Seconds for layers [a, b) on a `tokens`-long prompt (embedding when a == 0 is added by the caller)."""
-        return sum(self.layer_prefill[i](tokens) for i in self._layers(a, b))
-
-    def decode(self, a: int, b: int) -> float:
-        """Seconds per decode token for layers [a, b)."""
-        return sum(self.layer_decode[i] for i in self._layers(a, b))
-
-    def frame_bytes(self, k: int, codec_name: str, tokens: int) -> float:
-        """Bytes of the message carrying the hidden states of `tokens` tokens after layer k."""
-        lines = self.wire.get(codec_name)
-        if not lines or not self.start < k <= min(self.stop, self.start + len(lines)):
-            raise KeyError(f"no wire measurement for codec {codec_name!r} at split {k}")
-        return lines[k - self.start - 1](tokens) + STEP_MESSAGE_OVERHEAD
-
-    def slowed(self, factor: float) -> "CostProfile":
-        """This profile on a device `factor` times slower (benchmark emulation)."""
-        f = factor / self.slowdown
-        return CostProfile(
-            self.start, self.stop, [Line(l.fixed * f, l.per_token * f) for l in self.layer_prefill],
-            [d * f for d in self.layer_decode], self.embed * f, self.head * f, self.precision, self.threads,
-            self.host, self.measured_at, factor, self.wire, self.num_layers)
-
-    # -- (de)serialization --------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CostProfile":
-        d = dict(d)
-        d["layer_prefill"] = [Line(**l) for l in d["layer_prefill"]]
-        d["wire"] = {c: [Line(**l) for l in ls] for c, ls in d.get("wire", {}).items()}
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, s: str) -> "CostProfile":
-        return cls.from_dict(json.loads(s))
 
 
 # -- measuring ------------------------------------------------------------------------------
 
-def _timed_layers(model: ModelSlice, x: torch.Tensor, cache: KVCache,
-                  on_block: Callable[[int, torch.Tensor], None] | None = None
-                  ) -> tuple[torch.Tensor, list[float], float]:
+
+def _timed_layers(
+    model: ModelSlice, x: torch.Tensor, cache: KVCache, on_block: Callable[[int, torch.Tensor], None] | None = None
+) -> tuple[torch.Tensor, list[float], float]:
     """The forward of ModelSlice, timing each block: (hidden out, seconds per block, embed seconds).
     `on_block(i, hidden)` sees each block's output, outside the timed region."""
     t0 = time.perf_counter()
@@ -166,7 +72,7 @@ def _timed_decode(model: ModelSlice, x, cos, sin, cache: KVCache) -> tuple[torch
     blocks per graph (coinfer.model.compiled): each of them is charged an equal share of its call."""
     layers, times = list(model.layers), []
     # uncompiled, ModelSlice.forward runs decode_layers over all blocks: timed here one block a call
-    grouped = (layers and layers[0].compiled_decode) or GroupedDecode(decode_layers, 1)
+    grouped = (layers[0].compiled_decode if layers else None) or GroupedDecode(decode_layers, 1)
     for i, j in grouped.spans(len(layers)):
         t0 = time.perf_counter()
         x = grouped.step(layers[i:j], x, cos, sin, cache.k[i:j], cache.v[i:j], cache.length)
@@ -185,8 +91,13 @@ def _inputs(model: ModelSlice, tokens: int, gen: torch.Generator) -> torch.Tenso
     return torch.randn(1, tokens, model.cfg.hidden_size, generator=gen)
 
 
-def measure(model: ModelSlice, repeats: int = 3, decode_steps: int = 8, wire_codecs: tuple[str, ...] = (),
-            sizes: tuple[int, ...] = PREFILL_SIZES) -> CostProfile:
+def measure(
+    model: ModelSlice,
+    repeats: int = 3,
+    decode_steps: int = 8,
+    wire_codecs: tuple[str, ...] = (),
+    sizes: tuple[int, ...] = PREFILL_SIZES,
+) -> CostProfile:
     """Time every layer of `model` on this machine. Call it on the compute thread."""
     gen = torch.Generator().manual_seed(0)
     n = model.num_layers
@@ -201,7 +112,7 @@ def measure(model: ModelSlice, repeats: int = 3, decode_steps: int = 8, wire_cod
                 if r:
                     for i, t in enumerate(times):
                         samples[T][i].append(t)
-        decode = [[] for _ in range(n)]
+        decode: list[list[float]] = [[] for _ in range(n)]
         heads, embed_steps = [], []
         cache = model.new_cache()
         _timed_layers(model, _inputs(model, DECODE_CONTEXT, gen), cache)
@@ -210,18 +121,29 @@ def measure(model: ModelSlice, repeats: int = 3, decode_steps: int = 8, wire_cod
             embed_steps.append(embed)
             for i, t in enumerate(times):
                 decode[i].append(t)
-            if model.lm_head is not None:
+            if model.lm_head is not None and model.norm is not None:  # both or neither
                 t0 = time.perf_counter()
                 int(model.lm_head(model.norm(h[:, -1:]))[0, -1].argmax())
                 heads.append(time.perf_counter() - t0)
         wire = _measure_wire(model, gen, wire_codecs) if wire_codecs and n else {}
-    prefill = [Line.fit([float(T) for T in sizes for _ in samples[T][i]],
-                        [t for T in sizes for t in samples[T][i]]) for i in range(n)]
+    prefill = [
+        Line.fit([float(T) for T in sizes for _ in samples[T][i]], [t for T in sizes for t in samples[T][i]])
+        for i in range(n)
+    ]
     return CostProfile(
-        start=model.start, stop=model.stop, layer_prefill=prefill, layer_decode=[_median(d) for d in decode],
+        start=model.start,
+        stop=model.stop,
+        layer_prefill=prefill,
+        layer_decode=[_median(d) for d in decode],
         embed=_median(embed_steps) if model.embed_tokens is not None else 0.0,
-        head=_median(heads) if heads else 0.0, precision=model.precision, threads=torch.get_num_threads(),
-        host=socket.gethostname(), measured_at=time.time(), wire=wire, num_layers=model.cfg.num_layers)
+        head=_median(heads) if heads else 0.0,
+        precision=model.precision,
+        threads=torch.get_num_threads(),
+        host=socket.gethostname(),
+        measured_at=time.time(),
+        wire=wire,
+        num_layers=model.cfg.num_layers,
+    )
 
 
 def _measure_wire(model: ModelSlice, gen: torch.Generator, names: tuple[str, ...], tokens: int = 64) -> dict:
@@ -241,14 +163,27 @@ def _measure_wire(model: ModelSlice, gen: torch.Generator, names: tuple[str, ...
 
 # -- caching --------------------------------------------------------------------------------
 def cache_key(fingerprint: str, model: ModelSlice, threads: int, wire_codecs: tuple[str, ...]) -> str:
-    parts = [str(PROFILE_VERSION), fingerprint, socket.gethostname(), platform.machine(), torch.__version__,
-             model.precision, str(model.start), str(model.stop), str(model.embed_tokens is not None),
-             str(model.lm_head is not None), str(threads), ",".join(wire_codecs), f"compiled={model.compiled}"]
+    parts = [
+        str(PROFILE_VERSION),
+        fingerprint,
+        socket.gethostname(),
+        platform.machine(),
+        torch.__version__,
+        model.precision,
+        str(model.start),
+        str(model.stop),
+        str(model.embed_tokens is not None),
+        str(model.lm_head is not None),
+        str(threads),
+        ",".join(wire_codecs),
+        f"compiled={model.compiled}",
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def load_or_measure(model: ModelSlice, fingerprint: str, cache_dir: str | Path | None,
-                    wire_codecs: tuple[str, ...] = ()) -> CostProfile:
+def load_or_measure(
+    model: ModelSlice, fingerprint: str, cache_dir: str | Path | None, wire_codecs: tuple[str, ...] = ()
+) -> CostProfile:
     """The cached profile for this model, host and settings, or a fresh measurement (then cached)."""
     key = cache_key(fingerprint, model, torch.get_num_threads(), wire_codecs)
     path = Path(cache_dir).expanduser() / f"{key}.json" if cache_dir else None
@@ -271,23 +206,67 @@ def load_or_measure(model: ModelSlice, fingerprint: str, cache_dir: str | Path |
     return profile
 
 
+def device_profile(
+    model: ModelSlice, fingerprint: str, cache_dir: str | Path | None, slowdown: float = 1.0
+) -> CostProfile:
+    """A device's profile: per-layer costs (cached per host) and the frame bytes of every codec, scaled
+    by the benchmark slowdown. Measured on the compute thread (coinfer.compute says why; imported here,
+    not above, because importing it starts that thread and the edge's settings import this module)."""
+    from coinfer import compute
+
+    return compute.run(load_or_measure, model, fingerprint, cache_dir, tuple(codecs.CODECS)).slowed(slowdown)
+
+
+def head_profile(
+    model_dir: str | Path,
+    max_layers: int = -1,
+    precision: str = "fp32",
+    slowdown: float = 1.0,
+    cache_dir: str | Path | None = None,
+) -> CostProfile:
+    """The profile a device agent with these settings measures, without starting one (`coinfer plan`):
+    the same slice (coinfer.model.load_head), hence the same cache entry."""
+    from coinfer import compute
+
+    model = compute.run(load_head, model_dir, max_layers, precision)
+    return device_profile(model, read_fingerprint(model_dir), cache_dir, slowdown)
+
+
 # -- wire form (Describe) -------------------------------------------------------------------
 def to_pb(p: CostProfile):
     from coinfer.v1 import edge_pb2 as pb
 
     return pb.CostProfile(
-        start=p.start, stop=p.stop, layer_prefill_seconds=[pb.CostLine(fixed=l.fixed, per_token=l.per_token)
-                                                           for l in p.layer_prefill],
-        layer_decode_seconds=p.layer_decode, embed_seconds=p.embed, head_seconds=p.head, precision=p.precision,
-        threads=p.threads, host=p.host, measured_at=p.measured_at)
+        start=p.start,
+        stop=p.stop,
+        layer_prefill_seconds=[pb.CostLine(fixed=ln.fixed, per_token=ln.per_token) for ln in p.layer_prefill],
+        layer_decode_seconds=p.layer_decode,
+        embed_seconds=p.embed,
+        head_seconds=p.head,
+        precision=p.precision,
+        threads=p.threads,
+        host=p.host,
+        measured_at=p.measured_at,
+    )
 
 
 def from_pb(m) -> CostProfile:
     """A profile from the wire; ValueError when it is inconsistent."""
     n = m.stop - m.start
     if n < 0 or len(m.layer_prefill_seconds) != n or len(m.layer_decode_seconds) != n:
-        raise ValueError(f"cost profile for layers [{m.start}, {m.stop}) has {len(m.layer_prefill_seconds)} "
-                         f"prefill and {len(m.layer_decode_seconds)} decode entries")
-    return CostProfile(m.start, m.stop, [Line(l.fixed, l.per_token) for l in m.layer_prefill_seconds],
-                       list(m.layer_decode_seconds), m.embed_seconds, m.head_seconds, m.precision, m.threads,
-                       m.host, m.measured_at)
+        raise ValueError(
+            f"cost profile for layers [{m.start}, {m.stop}) has {len(m.layer_prefill_seconds)} "
+            f"prefill and {len(m.layer_decode_seconds)} decode entries"
+        )
+    return CostProfile(
+        m.start,
+        m.stop,
+        [Line(ln.fixed, ln.per_token) for ln in m.layer_prefill_seconds],
+        list(m.layer_decode_seconds),
+        m.embed_seconds,
+        m.head_seconds,
+        m.precision,
+        m.threads,
+        m.host,
+        m.measured_at,
+    )

@@ -15,8 +15,11 @@ S = TypeVar("S", bound=BaseSettings)
 
 def app_parser(prog: str, description: str, cls: type[BaseSettings]) -> argparse.ArgumentParser:
     """An app's parser: one flag per setting, plus --log-level."""
-    p = argparse.ArgumentParser(prog=prog, description=description + " Every flag can also be set as a "
-                                f"{cls.model_config.get('env_prefix', '')} environment variable.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description + " Every flag can also be set as a "
+        f"{cls.model_config.get('env_prefix', '')} environment variable.",
+    )
     add_settings_flags(p, cls)
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p
@@ -34,9 +37,15 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings])
     prefix = cls.model_config.get("env_prefix", "")
     for name, field in cls.model_fields.items():
         env = f"{prefix}{name}".upper()
-        kind = field.annotation if field.annotation in (int, float) else str
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, metavar=name.upper(),
-                            help=f"{field.description} [env {env}, default {field.default!r}]")
+        kind = int if field.annotation is int else float if field.annotation is float else str
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            default=None,
+            metavar=name.upper(),
+            help=f"{field.description} [env {env}, default {field.default!r}]",
+        )
 
 
 def settings_from_args(cls: type[S], args: argparse.Namespace, parser: argparse.ArgumentParser) -> S:

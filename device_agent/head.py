@@ -13,31 +13,36 @@ from pathlib import Path
 import torch
 
 from coinfer import codec, compute, profile
-from coinfer.model import ModelConfig, compiled, load_slice
+from coinfer.model import ModelConfig, compiled, load_head
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice
 from coinfer.model.sampling import Sampler
 from coinfer.model.weights import read_fingerprint
+from coinfer.planning.cost_profile import CostProfile
 
 
 class HeadRunner:
     """All torch work runs on the process's compute thread (see coinfer.compute for why)."""
 
-    def __init__(self, model_dir: str | Path, max_layers: int = -1, weights: str = "fp32",
-                 slowdown: float = 1.0, compile_decode: bool = False) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_layers: int = -1,
+        weights: str = "fp32",
+        slowdown: float = 1.0,
+        compile_decode: bool = False,
+    ) -> None:
         self.cfg = ModelConfig.from_dir(model_dir)
         n = self.cfg.num_layers
         self.max_layers = n if max_layers < 0 else min(max_layers, n)
         self.fingerprint = read_fingerprint(model_dir)
-        self.model = compute.run(load_slice, model_dir, 0, self.max_layers, embed=True, head=self.max_layers == n,
-                                 precision=weights)
+        self.model = compute.run(load_head, model_dir, self.max_layers, weights)
         self.compile_seconds = compute.run(compiled.compile_decode, self.model) if compile_decode else None
         self.slowdown = slowdown  # benchmarks only: emulate a slower device by sleeping after each forward
 
-    def cost_profile(self, cache_dir: str | None) -> profile.CostProfile:
+    def cost_profile(self, cache_dir: str | None) -> CostProfile:
         """Per-layer costs of this device (cached per host), frame sizes per codec, scaled by the slowdown."""
-        p = compute.run(profile.load_or_measure, self.model, self.fingerprint, cache_dir, tuple(codec.CODECS))
-        return p.slowed(self.slowdown)
+        return profile.device_profile(self.model, self.fingerprint, cache_dir, self.slowdown)
 
     def _slow(self, seconds: float) -> float:
         if self.slowdown > 1.0:
@@ -63,7 +68,9 @@ class HeadRunner:
         frame, _, seconds = compute.run_timed(work)
         return frame, self._slow(seconds)
 
-    def next_token(self, view: ModelSlice, ids: list[int], cache: KVCache, sampler: Sampler) -> tuple[int, float, float]:
+    def next_token(
+        self, view: ModelSlice, ids: list[int], cache: KVCache, sampler: Sampler
+    ) -> tuple[int, float, float]:
         """The whole model on the device: ids -> (next token, its logprob, seconds)."""
 
         def work() -> tuple[int, float]:

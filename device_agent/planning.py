@@ -14,12 +14,15 @@ import threading
 import time
 from dataclasses import dataclass
 
-from coinfer import codec_accuracy, profile as profiles
-from coinfer.profile import CostProfile
-from device_agent import partitioner as part
+from coinfer import codec_accuracy
+from coinfer import profile as profiles
+from coinfer.config_values import split_list
+from coinfer.planning import partitioner as part
+from coinfer.planning.cost_profile import CostProfile
+from coinfer.planning.link import LinkEstimator, probe_plan
 from device_agent.config import AgentSettings
-from device_agent.edge_client import EdgeClient, EdgeError, Exchange
-from device_agent.link import LinkEstimator, probe_plan
+from device_agent.edge.client import EdgeError, Exchange
+from device_agent.edge.pool import EdgePool
 from device_agent.metrics import AgentMetrics
 
 log = logging.getLogger("coinfer.device")
@@ -34,8 +37,14 @@ class EdgeLoad:
 
 
 class Planner:
-    def __init__(self, settings: AgentSettings, device: CostProfile, edge: EdgeClient | None,
-                 metrics: AgentMetrics | None = None, fingerprint: str = "") -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        device: CostProfile,
+        edge: EdgePool | None,
+        metrics: AgentMetrics | None = None,
+        fingerprint: str = "",
+    ) -> None:
         self.settings, self.device, self.edge, self.fingerprint = settings, device, edge, fingerprint
         # accuracy of each lossy codec at each cut, calibrated into the model dir (coinfer calibrate)
         table = codec_accuracy.load(settings.model_dir, fingerprint or None)
@@ -72,19 +81,23 @@ class Planner:
 
     def refresh(self, timeout: float | None = None) -> bool:
         """Describe the edge: load always, its cost profile until we have it. False when unreachable."""
+        edge = self.edge
+        if edge is None:  # no edge configured: nothing to describe
+            return False
         quiet = self.quiet(0)
-        generation = getattr(self.edge, "generation", 0)  # an edge pool that failed over: a new edge
+        generation = edge.generation  # the pool failed over since: a new edge, whose profile we need
         try:
-            reply, ex = self.edge.describe_timed(self.edge_profile is None or generation != self._generation, timeout)
+            reply, ex = edge.describe_timed(self.edge_profile is None or generation != self._generation, timeout)
         except EdgeError as e:
             if self.reachable:
-                log.warning("edge %s unreachable for planning (%s)", self.edge.address, e.code.name)
+                log.warning("edge %s unreachable for planning (%s)", edge.address, e.code.name)
             self.reachable = False
             return False
         self.observe(ex, quiet)
         with self._lock:
-            self.load = EdgeLoad(reply.load.active_sessions, reply.load.queue_seconds, reply.load.busy_fraction,
-                                 time.monotonic())
+            self.load = EdgeLoad(
+                reply.load.active_sessions, reply.load.queue_seconds, reply.load.busy_fraction, time.monotonic()
+            )
             if reply.HasField("profile"):
                 try:
                     self.edge_profile = profiles.from_pb(reply.profile)
@@ -98,10 +111,13 @@ class Planner:
 
     def probe(self) -> None:
         """Active measurement: a tiny echo (RTT) and one per direction sized to the current estimate."""
+        edge = self.edge
+        if edge is None:  # no edge configured: no link to measure
+            return
         try:
             for up, down in probe_plan(self.link.estimate()):
                 quiet = self.quiet(0)
-                self.observe(self.edge.probe(up, down), quiet)
+                self.observe(edge.probe(up, down), quiet)
         except EdgeError as e:
             log.info("link probe failed: %s", e)
 
@@ -129,8 +145,14 @@ class Planner:
                 self.skipped += 1
                 return
         self.link.observe(ex.bytes_up, ex.bytes_down, ex.wall, ex.edge_seconds)
-        log.debug("link sample: up %d B, down %d B, wall %.4f s, edge %.4f s -> %s", ex.bytes_up, ex.bytes_down,
-                  ex.wall, ex.edge_seconds, self.link.estimate())
+        log.debug(
+            "link sample: up %d B, down %d B, wall %.4f s, edge %.4f s -> %s",
+            ex.bytes_up,
+            ex.bytes_down,
+            ex.wall,
+            ex.edge_seconds,
+            self.link.estimate(),
+        )
         est = self.link.estimate()
         self.metrics.link_bandwidth.labels("up").set(est.up_bytes_per_second)
         self.metrics.link_bandwidth.labels("down").set(est.down_bytes_per_second)
@@ -150,35 +172,67 @@ class Planner:
 
     def constraints(self, codec: str | None = None, min_agreement: float | None = None) -> part.Constraints:
         s = self.settings
-        codecs = (codec,) if codec else tuple(s.plan_codecs.split(","))
+        codecs = (codec,) if codec else tuple(split_list(s.plan_codecs))
         budget = s.min_agreement if min_agreement is None else min_agreement
-        return part.Constraints(min_device_layers=s.min_device_layers, max_device_layers=self.device.stop,
-                                codecs=codecs, min_agreement=budget, agreement=self.agreement)
+        return part.Constraints(
+            min_device_layers=s.min_device_layers,
+            max_device_layers=self.device.stop,
+            codecs=codecs,
+            min_agreement=budget,
+            agreement=self.agreement,
+        )
 
     def objective(self) -> part.Objective:
         s = self.settings
-        return part.Objective(s.objective, s.energy_weight, s.compute_watts, s.idle_watts, s.tx_joules_per_byte,
-                              s.rx_joules_per_byte)
+        return part.Objective(
+            s.objective, s.energy_weight, s.compute_watts, s.idle_watts, s.tx_joules_per_byte, s.rx_joules_per_byte
+        )
 
-    def plan(self, prompt_tokens: int, new_tokens: int, codec: str | None = None,
-             min_agreement: float | None = None, cached: dict[int, int] | None = None) -> part.Plan:
+    def plan(
+        self,
+        prompt_tokens: int,
+        new_tokens: int,
+        codec: str | None = None,
+        min_agreement: float | None = None,
+        cached: dict[int, int] | None = None,
+    ) -> part.Plan:
         """The plan for one request from the freshest estimates. Raises partitioner.PlanError.
 
         cached: per split, prompt positions the edge probably holds from an earlier turn.
         """
         edge = self.edge_view()
-        p = part.plan(self.device, edge, self.link.estimate(), prompt_tokens, new_tokens,
-                      self.constraints(codec, min_agreement), self.objective(), cached)
+        p = part.plan(
+            self.device,
+            edge,
+            self.link.estimate(),
+            prompt_tokens,
+            new_tokens,
+            self.constraints(codec, min_agreement),
+            self.objective(),
+            cached,
+        )
         self.metrics.plan_predicted.set(p.best.total)
         return p
 
     def snapshot(self) -> dict:
         with self._lock:
             load = self.load
-        return {"link": {**self.link.snapshot(), "skipped_overlapping": self.skipped}, "edge": None if self.edge is None else {
-            "address": self.edge.address, "reachable": self.reachable, "profile": self.edge_profile is not None,
-            "active_sessions": load.active_sessions, "queue_seconds": load.queue_seconds,
-            "busy_fraction": load.busy_fraction,
-            "load_age_seconds": time.monotonic() - load.at if load.at else None},
-            "device": {"layers": self.device.stop, "precision": self.device.precision,
-                       "slowdown": self.device.slowdown}}
+        return {
+            "link": {**self.link.snapshot(), "skipped_overlapping": self.skipped},
+            "edge": None
+            if self.edge is None
+            else {
+                "address": self.edge.address,
+                "reachable": self.reachable,
+                "profile": self.edge_profile is not None,
+                "active_sessions": load.active_sessions,
+                "queue_seconds": load.queue_seconds,
+                "busy_fraction": load.busy_fraction,
+                "load_age_seconds": time.monotonic() - load.at if load.at else None,
+            },
+            "device": {
+                "layers": self.device.stop,
+                "precision": self.device.precision,
+                "slowdown": self.device.slowdown,
+            },
+        }

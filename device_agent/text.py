@@ -29,10 +29,17 @@ class TextAssembler:
         if hits:
             out, self._pending, self.stopped = self._pending[: min(hits)], "", True
             return out
-        hold = max((n for s in self.stop for n in range(1, min(len(s), len(self._pending)) + 1)
-                    if self._pending.endswith(s[:n])), default=0)
+        hold = max(
+            (
+                n
+                for s in self.stop
+                for n in range(1, min(len(s), len(self._pending)) + 1)
+                if self._pending.endswith(s[:n])
+            ),
+            default=0,
+        )
         out = self._pending[: len(self._pending) - hold]
-        self._pending = self._pending[len(out):]
+        self._pending = self._pending[len(out) :]
         return out
 
     def flush(self) -> str:

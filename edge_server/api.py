@@ -6,6 +6,8 @@ them, as gRPC does: what the edge serves and how loaded it is are not for anyone
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from google.protobuf.json_format import MessageToDict
@@ -16,7 +18,7 @@ from edge_server import security
 from edge_server.service import EdgeService
 
 
-def create_ops_app(service: EdgeService, tokens: list[str] = ()) -> FastAPI:
+def create_ops_app(service: EdgeService, tokens: Sequence[str] = ()) -> FastAPI:
     app = FastAPI(title="coinfer edge server (ops)", docs_url=None, redoc_url=None)
     auth = security.TokenAuth(list(tokens)) if tokens else None
 
@@ -36,7 +38,6 @@ def create_ops_app(service: EdgeService, tokens: list[str] = ()) -> FastAPI:
 
     @app.get("/metrics", dependencies=[Depends(authorized)])
     def metrics() -> Response:
-        service.update_gauges()
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/info", dependencies=[Depends(authorized)])

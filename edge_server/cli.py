@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import signal
 import sys
-import threading
 
+from coinfer.lifecycle import run_until_signalled
 from coinfer.settings_cli import app_parser, parse_app_args
 from edge_server.config import EdgeSettings
 
@@ -51,21 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()  # before the heavy imports and the server's threads
     from edge_server.server import EdgeServer  # heavy imports after --help
 
-    try:
+    server: EdgeServer | None = None
+
+    def start() -> str:
+        nonlocal server
         server = EdgeServer(settings)
         server.start()
-    except (OSError, ValueError) as e:
-        print(f"edge-server: {e}", file=sys.stderr)
-        return 1
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    # machine-readable line for launchers and tests that start us on port 0
-    host = settings.host
-    print(f"READY pid={os.getpid()} grpc={host}:{server.grpc_port} ops=http://{host}:{server.ops_port}", flush=True)
-    stop.wait()
-    server.stop()
-    return 0
+        host = settings.host
+        return f"grpc={host}:{server.grpc_port} ops=http://{host}:{server.ops_port}"
+
+    def stop() -> None:
+        assert server is not None  # only a server that started is stopped
+        server.stop()
+
+    return run_until_signalled(start, stop, "edge-server")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ SERVICER = "coinfer.v1.edge_pb2_grpc.add_EdgeInferenceServicer_to_server"
 _END = object()
 INBOX_MESSAGES = 8  # requests of one stream waiting for the servicer; beyond it the device is back-pressured
 TLS_SETTINGS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
-UNAUTHENTICATED = "missing or unknown bearer token (metadata authorization: Bearer <token>)"
+UNAUTHENTICATED = security.UNAUTHENTICATED
 
 
 class StreamAborted(Exception):
@@ -162,14 +162,16 @@ def check_no_tls(settings: dict | EdgeSettings) -> None:
     get = settings.get if isinstance(settings, dict) else lambda k, d=None: getattr(settings, k, d)
     given = [k for k in TLS_SETTINGS if get(k, "")]
     if given:
-        raise ValueError(f"{', '.join(given)}: Ray Serve's gRPC proxy cannot terminate TLS (it binds a plaintext "
-                         "port); terminate TLS in front of it (nginx `listen ... ssl` + grpc_pass, or a load "
-                         "balancer) and leave these unset. Bearer tokens (auth_tokens) still apply.")
+        raise ValueError(
+            f"{', '.join(given)}: Ray Serve's gRPC proxy cannot terminate TLS (it binds a plaintext "
+            "port); terminate TLS in front of it (nginx `listen ... ssl` + grpc_pass, or a load "
+            "balancer) and leave these unset. Bearer tokens (auth_tokens) still apply."
+        )
 
 
 class TokenCheck:
     """edge_server.security's bearer-token rule for calls that reach a replica through Ray's proxy
-    (no grpc interceptor runs there): security.bearer parses the metadata and TokenAuth's
+    (no grpc interceptor runs there): coinfer.wire.bearer_token parses the metadata and TokenAuth's
     constant-time comparison decides."""
 
     def __init__(self, tokens: list[str]) -> None:
@@ -269,22 +271,41 @@ def _close_after(pending, replies) -> None:
     replies.close()
 
 
-def application(settings: dict | None = None, replicas: int | None = None, max_replicas: int = 3,
-                max_ongoing_requests: int = 32, num_cpus: float = 0.5, auth_tokens_file: str = ""):
+def application(
+    settings: dict | None = None,
+    replicas: int | None = None,
+    max_replicas: int = 3,
+    max_ongoing_requests: int = 32,
+    num_cpus: float = 0.5,
+    auth_tokens_file: str = "",
+):
     """The Serve application: EdgeReplica, consistent-hash routed on the session id, autoscaled
     between 1 and `max_replicas` by ongoing requests unless `replicas` fixes the count."""
     check_no_tls(settings or {})  # here already, not only in every replica
     from ray import serve
     from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
-    scaling = {"num_replicas": replicas} if replicas else {"autoscaling_config": AutoscalingConfig(
-        min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=max(1, max_ongoing_requests // 2))}
+    scaling = (
+        {"num_replicas": replicas}
+        if replicas
+        else {
+            "autoscaling_config": AutoscalingConfig(
+                min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=max(1, max_ongoing_requests // 2)
+            )
+        }
+    )
+    # ray annotates RequestRouterConfig.__init__(**kwargs: dict[str, Any]): every keyword a dict, wrongly
+    router = RequestRouterConfig(
+        request_router_class=ROUTER,  # type: ignore[arg-type]
+        request_router_kwargs={"num_fallback_replicas": 0},
+    )
     deployment = serve.deployment(
-        EdgeReplica, name="EdgeReplica", max_ongoing_requests=max_ongoing_requests,
+        name="EdgeReplica",
+        max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": num_cpus},
-        request_router_config=RequestRouterConfig(request_router_class=ROUTER,
-                                                  request_router_kwargs={"num_fallback_replicas": 0}),
-        **scaling)
+        request_router_config=router,
+        **scaling,
+    )(EdgeReplica)
     return deployment.bind(settings or {}, auth_tokens_file)
 
 
@@ -302,22 +323,27 @@ def app_builder(args: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edge_server.ray_serve",
-                                description="Run the coinfer edge as a Ray Serve application on a local Ray "
-                                            "(gRPC ingress on --grpc-port; settings from COINFER_* variables).")
+    p = argparse.ArgumentParser(
+        prog="python -m edge_server.ray_serve",
+        description="Run the coinfer edge as a Ray Serve application on a local Ray "
+        "(gRPC ingress on --grpc-port; settings from COINFER_* variables).",
+    )
     p.add_argument("--grpc-port", type=int, default=9000, help="Ray Serve gRPC proxy port")
     p.add_argument("--http-port", type=int, default=8000, help="Ray Serve HTTP proxy port (unused by coinfer)")
     p.add_argument("--replicas", type=int, default=0, help="fixed replica count (0 = autoscale 1..--max-replicas)")
     p.add_argument("--max-replicas", type=int, default=3)
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--model-dir", default=None, help="prepared model dir (default: COINFER_MODEL_DIR or the default)")
-    p.add_argument("--auth-tokens-file", default="", help="file of accepted bearer tokens (commas or newlines), "
-                   "in addition to COINFER_AUTH_TOKENS")
+    p.add_argument(
+        "--auth-tokens-file",
+        default="",
+        help="file of accepted bearer tokens (commas or newlines), in addition to COINFER_AUTH_TOKENS",
+    )
     a = p.parse_args(argv)
     try:
         import ray
         from ray import serve
-        from ray.serve.config import gRPCOptions, HTTPOptions
+        from ray.serve.config import HTTPOptions, gRPCOptions
     except ImportError:
         print("Ray Serve is not installed: pip install 'coinfer[ray]'", file=sys.stderr)
         return 1
@@ -329,11 +355,20 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=a.http_port),
-                grpc_options=gRPCOptions(port=a.grpc_port, grpc_servicer_functions=[SERVICER]))
-    serve.run(application(settings, replicas=a.replicas or None, max_replicas=a.max_replicas,
-                          auth_tokens_file=os.path.abspath(a.auth_tokens_file) if a.auth_tokens_file else ""),
-              name="coinfer-edge", route_prefix="/")
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=a.http_port),
+        grpc_options=gRPCOptions(port=a.grpc_port, grpc_servicer_functions=[SERVICER]),
+    )
+    serve.run(
+        application(
+            settings,
+            replicas=a.replicas or None,
+            max_replicas=a.max_replicas,
+            auth_tokens_file=os.path.abspath(a.auth_tokens_file) if a.auth_tokens_file else "",
+        ),
+        name="coinfer-edge",
+        route_prefix="/",
+    )
     print(f"READY pid={os.getpid()} grpc=127.0.0.1:{a.grpc_port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -34,6 +34,10 @@ from edge_server.tail import TailSession, Timings
 log = logging.getLogger("coinfer.edge")
 
 
+class ShuttingDown(RuntimeError):
+    """The edge stops: work still queued or submitted now is not run (UNAVAILABLE: another edge may)."""
+
+
 @dataclass
 class Work:
     session: TailSession
@@ -51,8 +55,15 @@ class Work:
 
 
 class Scheduler:
-    def __init__(self, model: ModelSlice, store: SessionStore, max_batch: int = 32, max_wait: float = 0.002,
-                 prefill_chunk: int = 256, on_batch: Callable[[str, int, float, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: ModelSlice,
+        store: SessionStore,
+        max_batch: int = 32,
+        max_wait: float = 0.002,
+        prefill_chunk: int = 256,
+        on_batch: Callable[[str, int, float, float], None] | None = None,
+    ) -> None:
         self.model, self.store = model, store
         self.max_batch, self.max_wait, self.prefill_chunk = max_batch, max_wait, prefill_chunk
         self.gap = min(max_wait, 0.002)  # s without a new step that ends the wait for more
@@ -97,7 +108,7 @@ class Scheduler:
         try:
             with self._cond:
                 if self._stop:
-                    raise RuntimeError("the edge is shutting down")
+                    raise ShuttingDown("the edge is shutting down")
                 (self._prefills if w.prefill else self._steps).append(w)
                 self._cond.notify_all()
             token, logprob = w.future.result()
@@ -113,7 +124,7 @@ class Scheduler:
                     if not self._cond.wait(timeout=1.0):
                         self.store.reap()
                 if self._stop:
-                    self._fail_all(RuntimeError("the edge is shutting down"))
+                    self._fail_all(ShuttingDown("the edge is shutting down"))
                     return
                 self._gather()
                 steps = [self._steps.popleft() for _ in range(min(self.max_batch, len(self._steps)))]
@@ -169,8 +180,12 @@ class Scheduler:
         for w in works:
             if not w.future.done():
                 w.compute += seconds  # a prefill between chunks
-        self.on_batch("prefill" if works[0].prefill else "decode", len(works),
-                      sum(started - w.submitted for w in works) / len(works), seconds)
+        self.on_batch(
+            "prefill" if works[0].prefill else "decode",
+            len(works),
+            sum(started - w.submitted for w in works) / len(works),
+            seconds,
+        )
 
     # -- jobs, on the compute thread ---------------------------------------------------------
     def _resolve(self, w: Work, result: tuple[int, float]) -> None:
@@ -189,8 +204,9 @@ class Scheduler:
             return
         with torch.inference_mode():
             try:
-                logits = self.model.decode_batch([w.x for w in ready], [w.session.split for w in ready],
-                                                 [w.session.cache for w in ready])  # [B, V]
+                logits = self.model.decode_batch(
+                    [w.x for w in ready], [w.session.split for w in ready], [w.session.cache for w in ready]
+                )  # [B, V]
             except Exception:
                 if len(ready) == 1:
                     raise
@@ -210,7 +226,7 @@ class Scheduler:
         """Row b of logits [B, V] -> works[b]'s token; a row that is not finite or cannot be sampled
         fails its own session (NonFiniteState, INVALID_ARGUMENT) and no other: a device that sends
         NaN, or hidden states so large they overflow in the tail, must not stop its batch."""
-        for w, result in zip(works, sample_each([w.session.sampler for w in works], logits)):
+        for w, result in zip(works, sample_each([w.session.sampler for w in works], logits), strict=True):
             if isinstance(result, Exception):
                 w.future.set_exception(result)
             else:
@@ -224,7 +240,7 @@ class Scheduler:
                 self.store.reserve(s, s.cache.length + total)  # the whole prompt at once: no half-run prefills
             end = min(total, w.done + self.prefill_chunk)
             with torch.inference_mode():
-                logits = s.model(w.x[:, w.done:end], s.cache, last_only=True)  # [1, 1, V]
+                logits = s.model(w.x[:, w.done : end], s.cache, last_only=True)  # [1, 1, V]
             w.done = end
             if end == total:
                 self._settle([w], logits[0, -1:])

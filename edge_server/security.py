@@ -19,7 +19,10 @@ from pathlib import Path
 
 import grpc
 
+from coinfer import wire
+
 OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes of orchestrators carry no token
+UNAUTHENTICATED = f"missing or unknown bearer token (metadata {wire.AUTHORIZATION_KEY}: {wire.BEARER}<token>)"
 
 
 def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") -> grpc.ServerCredentials:
@@ -31,13 +34,6 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") 
 
 def token_identity(token: str) -> str:
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
-
-
-def bearer(metadata) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):]
-    return None
 
 
 class TokenAuth(grpc.ServerInterceptor):
@@ -52,19 +48,19 @@ class TokenAuth(grpc.ServerInterceptor):
 
     def allows(self, metadata) -> bool:
         """The call's metadata carries one of the tokens (constant-time compare)."""
-        return self._known(bearer(metadata))
+        return self._known(wire.bearer_token(metadata))
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(OPEN_METHODS) or self._known(
-                bearer(handler_call_details.invocation_metadata)):
+            wire.bearer_token(handler_call_details.invocation_metadata)
+        ):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        message = "missing or unknown bearer token (metadata authorization: Bearer <token>)"
 
         def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
 
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
@@ -82,7 +78,7 @@ def identity(context, tokens_required: bool = True) -> str:
     subject = auth.get("x509_subject") or auth.get("x509_common_name")
     if subject:
         return "cert:" + subject[0].decode(errors="replace")
-    token = bearer(context.invocation_metadata()) if context is not None and tokens_required else None
+    token = wire.bearer_token(context.invocation_metadata()) if context is not None and tokens_required else None
     if token:
         return token_identity(token)
     return "peer:" + (context.peer().rsplit(":", 1)[0] if context is not None else "local")

@@ -15,10 +15,11 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coinfer import compute
+from coinfer import compute, wire
+from coinfer.config_values import split_list
 from coinfer.v1 import edge_pb2, edge_pb2_grpc
-from edge_server.api import create_ops_app
 from edge_server import security
+from edge_server.api import create_ops_app
 from edge_server.config import EdgeSettings
 from edge_server.metrics import EdgeMetrics
 from edge_server.service import EdgeService
@@ -28,26 +29,20 @@ log = logging.getLogger("coinfer.edge")
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeInference"].full_name
 
 
-def grpc_options(max_message_bytes: int, max_connection_idle_seconds: float = 300.0) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_connection_idle_ms", int(max_connection_idle_seconds * 1000)),  # idle connections go
-        ("grpc.so_reuseport", 0),  # a second edge on a port in use fails to bind instead of sharing it
-    ]
-
-
 def build_service(settings: EdgeSettings) -> EdgeService:
     """The servicer with its model, sessions and scheduler (no server): EdgeServer and the Ray Serve
     replica (edge_server.ray_serve) both serve one."""
     if settings.torch_threads:
         compute.set_num_threads(settings.torch_threads)
-    runner = TailRunner(settings.model_dir, settings.min_split, settings.max_frame_bytes, settings.weights,
-                        settings.profile_dir or None, settings.profile, settings.kv_chunk_tokens)
+    runner = TailRunner(
+        settings.model_dir,
+        settings.min_split,
+        settings.max_frame_bytes,
+        settings.weights,
+        settings.profile_dir or None,
+        settings.profile,
+        settings.kv_chunk_tokens,
+    )
     return EdgeService(runner, settings, EdgeMetrics())
 
 
@@ -56,37 +51,50 @@ class EdgeServer:
         self.settings = settings
         self.service = build_service(settings)
         self.health = health.HealthServicer()
-        tokens = [t.strip() for t in settings.auth_tokens.split(",") if t.strip()]
+        tokens = split_list(settings.auth_tokens)
         self.service.tokens_required = bool(tokens)
         if any(t.startswith("dev-only") for t in tokens):
-            log.warning("auth_tokens include the public dev-only tokens of docker-compose.yml: for local "
-                        "try-outs only (set COINFER_AGENT_TOKEN and friends, see deploy/compose.env.example)")
+            log.warning(
+                "auth_tokens include the public dev-only tokens of docker-compose.yml: for local "
+                "try-outs only (set COINFER_AGENT_TOKEN and friends, see deploy/compose.env.example)"
+            )
         # maximum_concurrent_rpcs bounds the calls queued for a thread; Generate streams are capped
         # below the thread count by the servicer (max_streams), so health and Describe always get one
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
-                                options=grpc_options(settings.max_message_bytes, settings.max_connection_idle_seconds),
-                                maximum_concurrent_rpcs=4 * settings.workers,
-                                interceptors=[security.TokenAuth(tokens)] if tokens else None)
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers),
+            options=wire.server_options(settings.max_message_bytes, settings.max_connection_idle_seconds),
+            maximum_concurrent_rpcs=4 * settings.workers,
+            interceptors=[security.TokenAuth(tokens)] if tokens else None,
+        )
         edge_pb2_grpc.add_EdgeInferenceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc)
+            self.grpc,
+        )
         bind = f"{settings.host}:{settings.grpc_port}"
-        if bool(settings.tls_cert_file) != bool(settings.tls_key_file) or (settings.tls_client_ca_file
-                                                                             and not settings.tls_cert_file):
+        if bool(settings.tls_cert_file) != bool(settings.tls_key_file) or (
+            settings.tls_client_ca_file and not settings.tls_cert_file
+        ):
             raise ValueError("TLS needs tls_cert_file and tls_key_file together (and both for tls_client_ca_file)")
         if settings.tls_cert_file:
-            creds = security.server_credentials(settings.tls_cert_file, settings.tls_key_file,
-                                                settings.tls_client_ca_file)
+            creds = security.server_credentials(
+                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+            )
             self.grpc_port = self.grpc.add_secure_port(bind, creds)
         else:
             self.grpc_port = self.grpc.add_insecure_port(bind)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
-        self._ops = uvicorn.Server(uvicorn.Config(create_ops_app(self.service, tokens if settings.ops_auth else []),
-                                                  host=settings.host,
-                                                  port=settings.ops_port, log_level="warning", lifespan="off"))
+        self._ops = uvicorn.Server(
+            uvicorn.Config(
+                create_ops_app(self.service, tokens if settings.ops_auth else []),
+                host=settings.host,
+                port=settings.ops_port,
+                log_level="warning",
+                lifespan="off",
+            )
+        )
         self._ops_thread = threading.Thread(target=self._ops.run, name="ops-http", daemon=True)
 
     @property
@@ -102,9 +110,16 @@ class EdgeServer:
             raise OSError(f"ops HTTP server failed to start on {self.settings.host}:{self.settings.ops_port}")
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("edge ready: gRPC %s:%d, ops http://%s:%d, layers [%d, %d), fingerprint %s",
-                 self.settings.host, self.grpc_port, self.settings.host, self.ops_port,
-                 self.service.runner.min_split, self.service.runner.cfg.num_layers, self.service.runner.fingerprint)
+        log.info(
+            "edge ready: gRPC %s:%d, ops http://%s:%d, layers [%d, %d), fingerprint %s",
+            self.settings.host,
+            self.grpc_port,
+            self.settings.host,
+            self.ops_port,
+            self.service.runner.min_split,
+            self.service.runner.cfg.num_layers,
+            self.service.runner.fingerprint,
+        )
 
     def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace_seconds if grace is None else grace

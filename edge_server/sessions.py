@@ -70,8 +70,14 @@ class StoreStats:
 
 
 class SessionStore:
-    def __init__(self, max_sessions: int, budget_bytes: int, idle_timeout: float = 300.0,
-                 keep_seconds: float = 600.0, max_per_client: int = 0) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        budget_bytes: int,
+        idle_timeout: float = 300.0,
+        keep_seconds: float = 600.0,
+        max_per_client: int = 0,
+    ) -> None:
         self.max_sessions, self.budget, self.max_per_client = max_sessions, budget_bytes, max_per_client
         self.idle_timeout, self.keep_seconds = idle_timeout, keep_seconds
         self._sessions: dict[str, TailSession] = {}
@@ -101,12 +107,18 @@ class SessionStore:
             if session_id in self._sessions:
                 raise SessionExistsError(f"session {session_id!r} is already open")
             if len(self._sessions) >= self.max_sessions:
-                raise SessionLimitError(f"edge is at its session limit ({self.max_sessions}); retry later",
-                                        self.retry_after())
-            if self.max_per_client and sum(s.owner == session.owner for s in self._sessions.values()) \
-                    >= self.max_per_client:
-                raise SessionLimitError(f"this client already has {self.max_per_client} sessions open "
-                                        f"(max_sessions_per_client); retry later", self.retry_after())
+                raise SessionLimitError(
+                    f"edge is at its session limit ({self.max_sessions}); retry later", self.retry_after()
+                )
+            if (
+                self.max_per_client
+                and sum(s.owner == session.owner for s in self._sessions.values()) >= self.max_per_client
+            ):
+                raise SessionLimitError(
+                    f"this client already has {self.max_per_client} sessions open "
+                    f"(max_sessions_per_client); retry later",
+                    self.retry_after(),
+                )
             self._sessions[session_id] = session
             self._bytes += session.cache.nbytes
         try:
@@ -158,7 +170,9 @@ class SessionStore:
                 if not self._evict_one(exclude=s):
                     raise SessionLimitError(
                         f"KV cache budget full ({self._bytes} of {self.budget} bytes in use by sessions "
-                        f"in progress; this one needs {growth} more); retry later", self.retry_after())
+                        f"in progress; this one needs {growth} more); retry later",
+                        self.retry_after(),
+                    )
             s.cache.reserve(length)
             self._bytes += growth
             self.peak_bytes = max(self.peak_bytes, self._bytes)
@@ -194,8 +208,11 @@ class SessionStore:
         # the blocks it started from still hold: they were checked when they were filed
         hashes = s.chain.blocks_within(s.cache.length) if s.chain is not None else s.chain_blocks
         with self._lock:
-            chain = PrefixChain(s.chain.state, s.chain.length) if s.chain is not None \
-                and s.chain.length == s.cache.length else None
+            chain = (
+                PrefixChain(s.chain.state, s.chain.length)
+                if s.chain is not None and s.chain.length == s.cache.length
+                else None
+            )
             kept = Kept(KVCache(0, 0, 0), s.split, s.codec, hashes, s.owner, s.session_id, s.resume_token, chain)
             kept.cache, s.cache = s.cache, kept.cache  # the live session ends holding an empty cache
             names = [(s.owner, h) for h in hashes]
@@ -207,8 +224,11 @@ class SessionStore:
             self._by_session[_session_key(kept)] = id(kept)
             for key in older:  # an older cache of a prefix of this one serves nothing the new one can't
                 old = self._kept.get(key)
-                if old is not None and not any(self._index.get((old.owner, h)) == key for h in old.hashes) \
-                        and self._by_session.get(_session_key(old)) != key:
+                if (
+                    old is not None
+                    and not any(self._index.get((old.owner, h)) == key for h in old.hashes)
+                    and self._by_session.get(_session_key(old)) != key
+                ):
                     self._drop_kept(key)
             return True
 
@@ -219,7 +239,13 @@ class SessionStore:
         with self._lock:
             key = self._by_session.get((s.owner, s.session_id, token))
             kept = self._kept.get(key) if key is not None else None
-            if kept is None or kept.split != s.split or kept.codec != s.codec or kept.cache.length < positions:
+            if (
+                key is None
+                or kept is None
+                or kept.split != s.split
+                or kept.codec != s.codec
+                or kept.cache.length < positions
+            ):
                 self.stats.missing += 1
                 return False
             self._hand_over(key, kept, s, positions)
@@ -238,8 +264,15 @@ class SessionStore:
                 key = self._index.get((s.owner, h))  # another client's cache is never offered
                 kept = self._kept.get(key) if key is not None else None
                 i = length // BLOCK - 1
-                if kept is None or length % BLOCK or kept.split != s.split or kept.codec != s.codec \
-                        or not 0 <= i < len(kept.hashes) or kept.hashes[i] != h:
+                if (
+                    key is None
+                    or kept is None
+                    or length % BLOCK
+                    or kept.split != s.split
+                    or kept.codec != s.codec
+                    or not 0 <= i < len(kept.hashes)
+                    or kept.hashes[i] != h
+                ):
                     continue
                 self._hand_over(key, kept, s, length)
                 self.stats.prefix_hits += 1
@@ -291,9 +324,15 @@ class SessionStore:
         resume could ask for)."""
         with self._lock:
             return [
-                {"split": s.split, "codec": s.codec, "prompt_tokens": s.prompt_tokens,
-                 "cached_tokens": s.cached_tokens, "generated_tokens": s.generated, "kv_cache_bytes": s.cache.nbytes,
-                 "evicted": s.evicted or None}
+                {
+                    "split": s.split,
+                    "codec": s.codec,
+                    "prompt_tokens": s.prompt_tokens,
+                    "cached_tokens": s.cached_tokens,
+                    "generated_tokens": s.generated,
+                    "kv_cache_bytes": s.cache.nbytes,
+                    "evicted": s.evicted or None,
+                }
                 for s in self._sessions.values()
             ]
 

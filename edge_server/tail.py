@@ -10,11 +10,10 @@ serves in Describe, and it tracks its recent queue wait as the load the device p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from coinfer.model.llama import ModelSlice
 from coinfer.model.sampling import Sampler, SamplingParams
 from coinfer.model.weights import read_fingerprint
 from coinfer.prefix import PrefixChain
+from edge_server.errors import BadInput
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Timings:
     compute: float = 0.0  # forward + sampling, s
     decode: float = 0.0  # tensor frame decoding, s
 
-    def add(self, other: "Timings") -> None:
+    def add(self, other: Timings) -> None:
         self.queue += other.queue
         self.compute += other.compute
         self.decode += other.decode
@@ -108,9 +108,16 @@ class LoadTracker:
 
 
 class TailRunner:
-    def __init__(self, model_dir: str | Path, min_split: int = 0, max_frame_bytes: int = 64 << 20,
-                 weights: str = "fp32", profile_dir: str | None = profile.DEFAULT_PROFILE_DIR,
-                 measure_profile: bool = True, kv_chunk: int = 64) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        min_split: int = 0,
+        max_frame_bytes: int = 64 << 20,
+        weights: str = "fp32",
+        profile_dir: str | None = profile.DEFAULT_PROFILE_DIR,
+        measure_profile: bool = True,
+        kv_chunk: int = 64,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.cfg = ModelConfig.from_dir(model_dir)
         if not 0 <= min_split <= self.cfg.num_layers:
@@ -119,34 +126,44 @@ class TailRunner:
         self.min_split = min_split
         self.max_frame_bytes = max_frame_bytes
         self.kv_chunk = kv_chunk  # positions a session's cache grows by
-        self.model = compute.run(load_slice, model_dir, min_split, self.cfg.num_layers, embed=min_split == 0,
-                                 head=True, precision=weights)
+        self.model = compute.run(
+            load_slice, model_dir, min_split, self.cfg.num_layers, embed=min_split == 0, head=True, precision=weights
+        )
         self.load = LoadTracker()
-        self.profile = compute.run(profile.load_or_measure, self.model, self.fingerprint, profile_dir) \
-            if measure_profile else None
+        self.profile = (
+            compute.run(profile.load_or_measure, self.model, self.fingerprint, profile_dir) if measure_profile else None
+        )
 
-    def new_session(self, split: int, codec_name: str, sampling: SamplingParams, session_id: str = "",
-                    max_new: int = 1) -> TailSession:
+    def new_session(
+        self, split: int, codec_name: str, sampling: SamplingParams, session_id: str = "", max_new: int = 1
+    ) -> TailSession:
         """Caller has validated split and codec. The cache allocates nothing until the store reserves it."""
         view = self.model.narrow(split, self.cfg.num_layers)
-        return TailSession(split, codec_name, view, view.new_cache(chunk=self.kv_chunk), Sampler(sampling),
-                           session_id=session_id, max_new=max_new)
+        return TailSession(
+            split,
+            codec_name,
+            view,
+            view.new_cache(chunk=self.kv_chunk),
+            Sampler(sampling),
+            session_id=session_id,
+            max_new=max_new,
+        )
 
     def prefill_input(self, s: TailSession, frame: bytes | None, token_ids: list[int], t: Timings) -> torch.Tensor:
         """The prompt (after any cached prefix) as model input: ids [1, T] or hidden [1, T, d].
 
-        Raises codec.CodecError, ValueError.
+        Raises codec.CodecError, BadInput.
         """
         if s.split == 0:
             if not token_ids:
-                raise ValueError("prefill at split 0 needs token_ids")
+                raise BadInput("prefill at split 0 needs token_ids")
             if max(token_ids) >= self.cfg.vocab_size:
-                raise ValueError(f"token id {max(token_ids)} is outside the vocabulary (size {self.cfg.vocab_size})")
+                raise BadInput(f"token id {max(token_ids)} is outside the vocabulary (size {self.cfg.vocab_size})")
             x = torch.tensor([token_ids])
         else:
             x = self._decode(frame, t)
         if x.shape[1] == 0:
-            raise ValueError("prefill is empty")
+            raise BadInput("prefill is empty")
         return x
 
     def step_input(self, s: TailSession, frame: bytes | None, token_id: int) -> tuple[torch.Tensor, Timings]:
@@ -154,12 +171,12 @@ class TailRunner:
         t = Timings()
         x = torch.tensor([token_id]) if s.split == 0 else self._decode(frame, t)[0]
         if x.shape[0] != 1:
-            raise ValueError(f"a step carries exactly 1 token, got {x.shape[0]}")
+            raise BadInput(f"a step carries exactly 1 token, got {x.shape[0]}")
         return x, t
 
     def _decode(self, frame: bytes | None, t: Timings) -> torch.Tensor:
         if not frame:
-            raise ValueError("a hidden-state frame is required at split > 0")
+            raise BadInput("a hidden-state frame is required at split > 0")
         t0 = time.perf_counter()
         hidden = codec.decode(frame, hidden_size=self.cfg.hidden_size, max_decoded_bytes=self.max_frame_bytes)
         t.decode = time.perf_counter() - t0

@@ -3,6 +3,15 @@
 from coinfer.model.config import ConfigError, ModelConfig
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice
-from coinfer.model.weights import TensorReader, load_slice, read_fingerprint
+from coinfer.model.weights import TensorReader, load_head, load_slice, read_fingerprint
 
-__all__ = ["ConfigError", "KVCache", "ModelConfig", "ModelSlice", "TensorReader", "load_slice", "read_fingerprint"]
+__all__ = [
+    "ConfigError",
+    "KVCache",
+    "ModelConfig",
+    "ModelSlice",
+    "TensorReader",
+    "load_head",
+    "load_slice",
+    "read_fingerprint",
+]

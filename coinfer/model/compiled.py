@@ -2,14 +2,13 @@
 
 Why: with int4 weights the matmuls are a minority of a decode step on a small CPU; the rest is
 eager PyTorch running ~60 small ops per layer (norms, RoPE, residuals, dtype casts) and, once
-compiled, the fixed cost of entering a compiled graph (guards, wrappers: ~100 us a call here).
+compiled, the fixed cost of entering a compiled graph (guards, wrappers), paid once per call.
 So the blocks are compiled a few at a time: `decode_layers` over GROUP consecutive blocks is one
 graph, in which Inductor also fuses across the blocks' seams, and the blocks left over after the
 last whole group (a split that is no multiple of GROUP) run one per call through the graph of a
-single block. Measured on SmolLM2, 2 cores, int4, eager and compiled alternating in one process
-(benchmarks/compiled_decode.py): int4 1.35x tokens/s, int8 1.30x, fp32 1.17x; a graph per block
-gained only 1.12x (int4). Throwaway A/B of the group size, int4: 3 blocks 1.30x, 5 1.42x, 6 1.34x,
-10 1.38x, all 30 1.47x but one graph per split and ~2 minutes of compiling.
+single block. Groups pay the entry cost a few times a token instead of once per block; one graph
+over all layers would pay it once but needs a graph per split and minutes of compiling. The
+speed-ups are measured by benchmarks/compiled_decode.py (benchmarks/README.md).
 
 Two graphs serve all layers and all splits: `Block.decode_token` takes tensors and an int, not
 the cache object or a layer index, and modules passed as arguments do not pin a graph to its

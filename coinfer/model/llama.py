@@ -6,6 +6,9 @@ KV key/value heads, D head dim, F MLP width, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, overload
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,13 +16,15 @@ from torch import nn
 from coinfer.model.config import ModelConfig
 from coinfer.model.kv_cache import KVCache
 
+if TYPE_CHECKING:
+    from coinfer.model.compiled import GroupedDecode
+
 
 class Linear(nn.Module):
     """y = x @ weight + bias, with weight stored [in, out] (the transpose of nn.Linear's).
 
-    Decoding is a row vector times a matrix; on this 2-core CPU, MKL ran one decode step's
-    sequence of matrix-vector products ~6% faster (21.3 vs 22.7 ms, a throwaway timing loop)
-    with row-major [in, out] weights than with nn.Linear's [out, in].
+    Decoding is a row vector times a matrix, which MKL runs faster over row-major [in, out]
+    weights than over nn.Linear's [out, in].
     """
 
     def __init__(self, d_in: int, d_out: int, bias: bool = False) -> None:
@@ -76,9 +81,8 @@ class Attention(nn.Module):
     def decode_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One query token against its cache: q [B, H, 1, D], k/v [B, KV, P, D] -> [B, 1, H*D].
 
-        Each KV head's query group is folded into one "sequence": no GQA expansion of k and v.
-        (SDPA timed faster here than matmul + softmax + matmul: 48 vs 52 ms for a 16-session
-        batch at k = 15, /tmp A/B in one process; both collapse alike when the cores are shared.)
+        Each KV head's query group is folded into one "sequence": no GQA expansion of k and v;
+        SDPA runs the whole batch in one fused call instead of matmul + softmax + matmul.
         """
         B, KV = q.shape[0], self.n_kv
         y = F.scaled_dot_product_attention(q.reshape(B, KV, self.n_head // KV, self.head_dim), k, v)
@@ -121,7 +125,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         # the compiled decode of a run of blocks, when enabled (coinfer.model.compiled); shared by all blocks
-        self.compiled_decode = None
+        self.compiled_decode: GroupedDecode | None = None
 
     def forward(self, x, cos, sin, cache, layer, mask):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
@@ -145,7 +149,7 @@ class Block(nn.Module):
         """
         q, k, v = self.attn.qkv(self.attn_norm(x), cos, sin)  # [B, H|KV|KV, 1, D]
         ys = []
-        for qb, kb, vb, cache, layer in zip(q.split(1), k.split(1), v.split(1), caches, layers):
+        for qb, kb, vb, cache, layer in zip(q.split(1), k.split(1), v.split(1), caches, layers, strict=True):
             kb, vb = cache.update(layer, kb, vb)  # [1, KV, P_b+1, D]
             ys.append(self.attn.decode_one(qb, kb, vb))
         x = x + self.attn.wo(torch.cat(ys))  # [B, 1, H*D] -> [B, 1, d]
@@ -155,7 +159,7 @@ class Block(nn.Module):
 def decode_layers(blocks: list[Block], x, cos, sin, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):
     """One new token x [B, 1, d] at position `length` through consecutive blocks; keys[i] / values[i]
     are block i's cache storage. What coinfer.model.compiled compiles, a few blocks per graph."""
-    for block, k, v in zip(blocks, keys, values):
+    for block, k, v in zip(blocks, keys, values, strict=True):
         x = block.decode_token(x, cos, sin, k, v, length)  # [B, 1, d]
     return x
 
@@ -166,6 +170,22 @@ def causal_mask(past: int, new: int) -> torch.Tensor | None:
         return None  # one query sees everything; no past -> SDPA's own is_causal
     q_pos = torch.arange(past, past + new)[:, None]
     return torch.arange(past + new)[None, :] <= q_pos
+
+
+class Blocks(nn.ModuleList):
+    """An nn.ModuleList of Blocks: the same container, typed so that its items are Blocks."""
+
+    if TYPE_CHECKING:
+
+        def __iter__(self) -> Iterator[Block]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> Blocks: ...
+
+        @overload
+        def __getitem__(self, idx: int) -> Block: ...
+
+        def __getitem__(self, idx: int | slice) -> Block | Blocks: ...
 
 
 class ModelSlice(nn.Module):
@@ -184,11 +204,13 @@ class ModelSlice(nn.Module):
         self.has_embed, self.has_head = embed, head
         # the weights come from the file (coinfer.model.weights): no random init, which on the meta
         # device would import torch's reference kernels (see inv_freq below)
-        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.hidden_size)) \
-            if embed else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(start, stop))
+        self.embed_tokens = (
+            nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.hidden_size)) if embed else None
+        )
+        self.layers = Blocks(Block(cfg) for _ in range(start, stop))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if head else None
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size) if head else None
+        # a Linear, or its int8 replacement (coinfer.model.quantize)
+        self.lm_head: nn.Module | None = Linear(cfg.hidden_size, cfg.vocab_size) if head else None
         # a plain attribute, not a buffer: .to(bfloat16) on the model must not round the RoPE frequencies.
         # On the CPU even when the weights are built on the meta device: pow on meta tensors imports ~800
         # modules of torch's reference kernels, 67 MiB of RSS in every process that loads a slice
@@ -205,7 +227,7 @@ class ModelSlice(nn.Module):
         """Whether its blocks decode through torch.compile (coinfer.model.compiled)."""
         return any(b.compiled_decode is not None for b in self.layers)
 
-    def narrow(self, start: int, stop: int) -> "ModelSlice":
+    def narrow(self, start: int, stop: int) -> ModelSlice:
         """Layers [start, stop) of this slice as a new slice that shares its parameters.
 
         It keeps the embedding only when it starts where this slice starts, and
@@ -217,7 +239,7 @@ class ModelSlice(nn.Module):
         with torch.device("meta"):
             view = ModelSlice(self.cfg, start, start, embed=False, head=False)
         view.stop = stop
-        view.layers = nn.ModuleList(self.layers[start - self.start : stop - self.start])
+        view.layers = Blocks(self.layers[start - self.start : stop - self.start])
         if start == self.start and self.has_embed:
             view.has_embed, view.embed_tokens = True, self.embed_tokens
         if stop == self.stop and self.has_head:
@@ -245,7 +267,7 @@ class ModelSlice(nn.Module):
                 cache.reserve(past + T)
             cos, sin = rope_cos_sin(self.inv_freq, torch.arange(past, past + T), x.dtype)  # [T, D]
             if cache is not None and T == 1:  # a decode step
-                step = self.layers[0].compiled_decode or decode_layers
+                step: Callable[..., torch.Tensor] = self.layers[0].compiled_decode or decode_layers
                 x = step(list(self.layers), x, cos, sin, cache.k, cache.v, past)  # [B, 1, d]
             else:
                 mask = causal_mask(past, T)
@@ -253,7 +275,7 @@ class ModelSlice(nn.Module):
                     x = block(x, cos, sin, cache, i, mask)  # [B, T, d]
         if cache is not None:
             cache.advance(T)
-        if self.lm_head is None:
+        if self.lm_head is None or self.norm is None:  # both or neither
             return x
         if last_only:
             x = x[:, -1:]  # prefill needs only the next token's logits
@@ -268,7 +290,7 @@ class ModelSlice(nn.Module):
         narrow(starts[b], stop).new_cache()). Rows join the batch at their own layer, so
         sessions at different splits share every layer they have in common.
         """
-        if self.lm_head is None:
+        if self.lm_head is None or self.norm is None:  # both or neither
             raise ValueError("decode_batch needs the slice that ends with norm + lm_head")
         order = sorted(range(len(inputs)), key=lambda b: starts[b])
         rows = [self._row_input(inputs[b], starts[b]) for b in order]  # [1, d] each

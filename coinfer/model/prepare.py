@@ -104,7 +104,10 @@ def _eos_ids(cfg: dict, tokenizer) -> list[int]:
 def file_sha256(path: Path, progress: bool = False) -> str:
     h = hashlib.sha256()
     size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc="fingerprint", disable=not progress) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(total=size, unit="B", unit_scale=True, desc="fingerprint", disable=not progress) as bar,
+    ):
         while chunk := f.read(1 << 24):
             h.update(chunk)
             bar.update(len(chunk))
@@ -127,7 +130,9 @@ def prepare(source: str | None, out: str | Path, *, force: bool = False, progres
             bar.update()
             cfg = _hf_config(model)
             bar.set_postfix_str("writing weights")
-            save_file(_state_dict(model, bool(cfg.get("tie_word_embeddings"))), str(tmp / WEIGHTS_FILE), {"format": "pt"})
+            save_file(
+                _state_dict(model, bool(cfg.get("tie_word_embeddings"))), str(tmp / WEIGHTS_FILE), {"format": "pt"}
+            )
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             bar.update()
             bar.set_postfix_str("writing tokenizer")

@@ -38,6 +38,9 @@ INT8_GROUP = 32  # values per scale of the embedding / lm_head: Q8_0's block
 class Int8Linear(nn.Module):
     """Weight-only int8 linear: y = x @ (q * scale).T, computed by the int8 weight-pack kernel."""
 
+    q: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    scale: torch.Tensor
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("q", q)  # [out, in] int8
@@ -46,7 +49,7 @@ class Int8Linear(nn.Module):
         self.d_out = q.shape[0]
 
     @classmethod
-    def from_linear(cls, lin: Linear) -> "Int8Linear":
+    def from_linear(cls, lin: Linear) -> Int8Linear:
         w = lin.weight.t()  # our Linear stores [in, out]
         q, scale = quantize_groups_int8(w, group=w.shape[1])  # one group per output channel
         return cls(q, scale[:, 0], lin.bias)
@@ -77,6 +80,9 @@ def quantize_groups_int8(w: torch.Tensor, group: int = INT8_GROUP) -> tuple[torc
 class Int8Embedding(nn.Module):
     """Token embedding stored int8 per group of 32; a lookup dequantizes only the rows it reads."""
 
+    q: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    scale: torch.Tensor
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("q", q)  # [V, d] int8
@@ -95,6 +101,9 @@ class GroupInt8Linear(nn.Module):
     So q = 16 * high + low (high -8..7, low 0..15) becomes two 4-bit planes stacked as 2 x out
     outputs: plane 1 is (high + 8 - 8) * 16 s, plane 2 (low - 8) * s + 8 s, and y sums the halves.
     """
+
+    packed: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    scales_and_zeros: torch.Tensor
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
@@ -138,6 +147,9 @@ def quantize_groups_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torc
 class Int4Linear(nn.Module):
     """Weight-only int4 linear, groups of 32 inputs: y = x @ ((q - 8) * scale + zero).T."""
 
+    packed: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    scales_and_zeros: torch.Tensor
+
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         q, sz = quantize_groups_int4(w)
@@ -153,7 +165,7 @@ class Int4Linear(nn.Module):
         return d_in % INT4_GROUP == 0 and d_out % 16 == 0
 
     @classmethod
-    def from_linear(cls, lin: Linear) -> "Int4Linear":
+    def from_linear(cls, lin: Linear) -> Int4Linear:
         return cls(lin.weight.t(), lin.bias)  # our Linear stores [in, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,19 +177,27 @@ class Int4Linear(nn.Module):
 def _embedding_and_lm_head(model: ModelSlice) -> None:
     if model.embed_tokens is not None:
         model.embed_tokens = Int8Embedding(*quantize_groups_int8(model.embed_tokens.weight))
-    if model.lm_head is not None:
-        d_in, d_out = model.lm_head.weight.shape
-        if GroupInt8Linear.fits(d_in, d_out) and model.lm_head.bias is None:
-            model.lm_head = GroupInt8Linear(*quantize_groups_int8(model.lm_head.weight.t()))
+    head = model.lm_head
+    if head is not None:
+        if not isinstance(head, Linear):
+            raise TypeError(f"lm_head is already quantized ({type(head).__name__}): quantize float weights once")
+        d_in, d_out = head.weight.shape
+        if GroupInt8Linear.fits(d_in, d_out) and head.bias is None:
+            model.lm_head = GroupInt8Linear(*quantize_groups_int8(head.weight.t()))
         else:
-            model.lm_head = Int8Linear.from_linear(model.lm_head)
+            model.lm_head = Int8Linear.from_linear(head)
 
 
 def _quantize(model: ModelSlice, layer_linear) -> None:
     _embedding_and_lm_head(model)
     for block in model.layers:
-        for parent, name in ((block.attn, "wqkv"), (block.attn, "wo"),
-                             (block.mlp, "w_gate"), (block.mlp, "w_up"), (block.mlp, "w_down")):
+        for parent, name in (
+            (block.attn, "wqkv"),
+            (block.attn, "wo"),
+            (block.mlp, "w_gate"),
+            (block.mlp, "w_up"),
+            (block.mlp, "w_down"),
+        ):
             setattr(parent, name, layer_linear(getattr(parent, name)))
 
 
@@ -193,9 +213,13 @@ def apply_precision(model: ModelSlice, precision: str) -> ModelSlice:
         _quantize(model, Int8Linear.from_linear)
     elif precision == "int4":
         if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-            raise RuntimeError(f"int4 weights need torch._weight_int4pack_mm_for_cpu (torch {torch.__version__} lacks it)")
+            raise RuntimeError(
+                f"int4 weights need torch._weight_int4pack_mm_for_cpu (torch {torch.__version__} lacks it)"
+            )
         # a Linear whose shape the kernel cannot take (a toy model's) stays int8
-        _quantize(model, lambda lin: Int4Linear.from_linear(lin) if Int4Linear.fits(lin) else Int8Linear.from_linear(lin))
+        _quantize(
+            model, lambda lin: Int4Linear.from_linear(lin) if Int4Linear.fits(lin) else Int8Linear.from_linear(lin)
+        )
     model.precision = precision
     return model
 

@@ -77,11 +77,13 @@ def sample_each(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple[int
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     greedy = torch.argmax(logits, dim=-1).tolist()  # [B]
     bad = "logits hold NaN or infinite values (the session's input overflowed in the model)"
-    drawn = [_draw_row(s, logits[b], g) if ok else NonFiniteState(bad)
-             for b, (s, g, ok) in enumerate(zip(samplers, greedy, finite))]
+    drawn = [
+        _draw_row(s, logits[b], g) if ok else NonFiniteState(bad)
+        for b, (s, g, ok) in enumerate(zip(samplers, greedy, finite, strict=True))
+    ]
     tokens = torch.tensor([0 if isinstance(d, Exception) else d for d in drawn])
     picked = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-    return [d if isinstance(d, Exception) else (d, p) for d, p in zip(drawn, picked)]
+    return [d if isinstance(d, Exception) else (d, p) for d, p in zip(drawn, picked, strict=True)]
 
 
 def _draw_row(sampler: Sampler, logits: torch.Tensor, greedy: int) -> int | NonFiniteState:

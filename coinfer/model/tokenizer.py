@@ -54,9 +54,7 @@ class Tokenizer:
         self.chat_template: str | None = (
             template_path.read_text() if template_path.is_file() else cfg.get("chat_template")
         )
-        self.special_tokens = {
-            k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-        }
+        self.special_tokens = {k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         meta_path = d / META_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         eos = {self._tok.token_to_id(self.special_tokens["eos_token"] or "")} | set(meta.get("eos_token_ids", []))

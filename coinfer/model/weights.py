@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-
 import json
 from pathlib import Path
 
@@ -132,6 +131,15 @@ def load_slice(
         apply_precision(model, precision)
     release_free_memory()
     return model
+
+
+def load_head(model_dir: str | Path, max_layers: int = -1, precision: str = "fp32") -> ModelSlice:
+    """What a device loads: the embedding and layers [0, D) (D = max_layers, -1 = all), plus the norm
+    and lm_head when D = N so that it can generate alone. Why one function: the device agent and
+    `coinfer plan` must load the same slice to measure, and cache, the same cost profile."""
+    n = ModelConfig.from_dir(model_dir).num_layers
+    stop = n if max_layers < 0 else min(max_layers, n)
+    return load_slice(model_dir, 0, stop, embed=True, head=stop == n, precision=precision)
 
 
 def release_free_memory() -> None:

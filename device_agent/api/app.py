@@ -45,9 +45,14 @@ def require_api_key(request: Request) -> None:
     if not key:
         return
     given = request.headers.get("authorization", "")
-    if not (given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer "):].encode(), key.encode())):
-        raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>", "invalid_request_error",
-                       "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not (given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer ") :].encode(), key.encode())):
+        raise APIError(
+            401,
+            "missing or wrong API key: send Authorization: Bearer <key>",
+            "invalid_request_error",
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _thread_pool(threads: int) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -66,8 +71,9 @@ def _thread_pool(threads: int) -> Callable[[FastAPI], AbstractAsyncContextManage
 def create_app(engine: Engine, model_name: str) -> FastAPI:
     settings = engine.settings
     threads = max(40, settings.max_concurrent_requests + SPARE_THREADS)
-    app = FastAPI(title="coinfer device agent", version="1", docs_url="/docs", redoc_url=None,
-                  lifespan=_thread_pool(threads))
+    app = FastAPI(
+        title="coinfer device agent", version="1", docs_url="/docs", redoc_url=None, lifespan=_thread_pool(threads)
+    )
     app.state.logic = ServingLogic(engine, model_name)
     for r in (completions.router, models.router, plan.router):
         app.include_router(r, dependencies=[Depends(require_api_key)])
@@ -93,8 +99,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         # the client gets, never into the body
         rid = uuid.uuid4().hex
         log.error("internal error %s on %s", rid, request.url.path, exc_info=exc)
-        return APIError(500, f"internal error; request id {rid}", "server_error", "internal_error",
-                        headers={"X-Request-Id": rid}).response()
+        return APIError(
+            500, f"internal error; request id {rid}", "server_error", "internal_error", headers={"X-Request-Id": rid}
+        ).response()
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestCounter, metrics=engine.metrics)  # added last: outermost, so it counts 413s
@@ -136,8 +143,12 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Connection: close, so the server drops the rest of the body instead of reading it
-        err = APIError(413, f"request body is larger than {self.max_bytes} bytes", code="request_too_large",
-                       headers={"Connection": "close"})
+        err = APIError(
+            413,
+            f"request body is larger than {self.max_bytes} bytes",
+            code="request_too_large",
+            headers={"Connection": "close"},
+        )
         await err.response()(scope, receive, send)
 
 

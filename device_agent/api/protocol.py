@@ -1,7 +1,7 @@
 """OpenAI-compatible request / response bodies (pydantic), plus coinfer's extra fields.
 
 Extra request fields: `split` (0..N or "auto") and `codec`; `top_k` as in vLLM. Every
-response carries a `coinfer` object: split, codec, bytes up/down, timings.
+response carries a `coinfer` object (CoinferStats): split, codec, bytes up/down, timings.
 Unknown OpenAI fields (user, presence_penalty, ...) are accepted and ignored.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 
 METADATA_MAX = 128  # characters of an affinity key (user, X-Session-Id): it travels in every gRPC call's metadata
 
@@ -21,8 +20,9 @@ def metadata_value(value: str, name: str) -> str:
     gRPC accepts only printable ASCII in text metadata and raises (a 500 for the client) on anything else;
     a bound keeps a client from sending kilobytes of metadata with every edge call."""
     if not 1 <= len(value) <= METADATA_MAX or not all(" " <= ch <= "~" for ch in value):
-        raise ValueError(f"{name} must be 1 to {METADATA_MAX} printable ASCII characters (no control or "
-                         "non-ASCII characters)")
+        raise ValueError(
+            f"{name} must be 1 to {METADATA_MAX} printable ASCII characters (no control or non-ASCII characters)"
+        )
     return value
 
 
@@ -45,12 +45,20 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only n = 1 is supported")
     split: int | Literal["auto"] | None = None
     codec: str | None = None
-    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="accuracy budget of split 'auto': "
-                                        "lossy codecs only where calibrated greedy agreement is at least this")
+    min_agreement: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="accuracy budget of split 'auto': "
+        "lossy codecs only where calibrated greedy agreement is at least this",
+    )
     ignore_eos: bool = False  # as vLLM: generate max_tokens even past end-of-sequence (benchmarks)
-    user: str | None = Field(None, description="end-user id (OpenAI); also the affinity key that keeps a "
-                             "conversation on one edge replica behind a proxy (header X-Session-Id wins): "
-                             f"{METADATA_MAX} printable ASCII characters at most")
+    user: str | None = Field(
+        None,
+        description="end-user id (OpenAI); also the affinity key that keeps a "
+        "conversation on one edge replica behind a proxy (header X-Session-Id wins): "
+        f"{METADATA_MAX} printable ASCII characters at most",
+    )
 
     @field_validator("user")
     @classmethod
@@ -110,6 +118,51 @@ class CompletionRequest(_Request):
         return v
 
 
+class CoinferTimings(BaseModel):
+    ttft_seconds: float = Field(description="time to the first token, from the start of generation")
+    total_seconds: float = Field(description="the whole generation on the device agent")
+    device_compute_seconds: float = Field(description="the head's forwards on the device")
+    edge_compute_seconds: float = Field(description="the edge's forwards for this request (its own timings)")
+    edge_queue_seconds: float = Field(description="time the request's work waited in the edge's queue")
+    edge_decode_seconds: float = Field(description="the edge's decoding of hidden-state frames")
+    network_seconds: float = Field(
+        description="time waiting on the edge that its own timings do not account for: the link's share"
+    )
+
+
+class CoinferPrediction(BaseModel):
+    ttft_seconds: float = Field(description="predicted time to the first token")
+    per_token_seconds: float = Field(description="predicted time per further token")
+    total_seconds: float = Field(description="predicted time of the whole generation")
+
+
+class CoinferStats(BaseModel):
+    """coinfer's extension of a response: how the request was split and what crossed the link."""
+
+    split: int = Field(description="layers run on the device (0: the edge alone, N: the device alone)")
+    codec: str = Field(description="codec of the hidden-state frames; 'token_ids' at split 0, 'none' at split N")
+    split_reason: str = Field(description="why this split: 'requested', or the partitioner's one-line reason")
+    device_weights: str = Field(description="precision of the device's weights (fp32, bf16, int8, int4)")
+    bytes_up: int = Field(description="bytes of every device -> edge message (Open, Prefill, Steps, replays)")
+    bytes_down: int = Field(description="bytes of every edge -> device message")
+    prefill_bytes_up: int = Field(description="bytes of the Prefill messages")
+    step_bytes_up: int = Field(description="bytes of the Step messages (one per token after the first)")
+    messages_up: int = Field(description="device -> edge messages")
+    messages_down: int = Field(description="edge -> device messages")
+    cached_tokens: int = Field(description="prompt positions the edge still held from an earlier turn (not sent)")
+    replays: int = Field(description="edge sessions lost or evicted and replayed from the start")
+    resumes: int = Field(description="broken streams the edge went on from without a replay")
+    edge_replica: str = Field(description="the edge process (host:pid) that served the last stream; '' for none")
+    busy_retries: int = Field(description="attempts retried because the edge was full")
+    local_fallback: bool = Field(description="the edge failed and the device finished the generation alone")
+    timings: CoinferTimings = Field(description="where the time went, in seconds")
+    predicted: CoinferPrediction | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="split 'auto': what the partitioner predicted for the chosen split (absent otherwise)",
+    )
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt positions the edge still held from an earlier turn
 
@@ -140,7 +193,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    coinfer: dict
+    coinfer: CoinferStats
 
 
 class Delta(BaseModel):
@@ -162,7 +215,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-    coinfer: dict | None = None
+    coinfer: CoinferStats | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -179,7 +232,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    coinfer: dict | None = None
+    coinfer: CoinferStats | None = None
 
 
 class ModelCard(BaseModel):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from coinfer import codec
-from coinfer.launcher import start_edge
+from coinfer.tools.launcher import start_edge
 from coinfer.model import load_slice
 from coinfer.model.weights import read_fingerprint
 from coinfer.v1 import edge_pb2 as pb

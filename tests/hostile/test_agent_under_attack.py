@@ -11,7 +11,7 @@ import grpc
 import httpx
 import pytest
 
-from coinfer.launcher import start_agent, start_edge
+from coinfer.tools.launcher import start_agent, start_edge
 from coinfer.v1 import edge_pb2_grpc
 from tests.hostile.conftest import open_
 

@@ -14,7 +14,8 @@ import zstandard
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
 from tests.hostile.conftest import PROMPT, Live, head_rows, in_thread, open_, prefill_ids, rss_kib, tokens
-from tests.serving import greedy_reference, session, stub
+from tests.support.edge import session, stub
+from tests.support.reference import greedy_reference
 
 K = 2
 HIDDEN = 64  # the tiny model's hidden size

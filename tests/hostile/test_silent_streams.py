@@ -9,10 +9,12 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coinfer import wire
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
 from tests.hostile.conftest import PROMPT, open_, ops, prefill_ids, tokens
-from tests.serving import greedy_reference, session, stub
+from tests.support.edge import session, stub
+from tests.support.reference import greedy_reference
 
 
 def _silent(ch: grpc.Channel, first: pb.DeviceMessage | None = None):
@@ -95,7 +97,7 @@ def test_a_device_that_never_half_closes_after_done_is_let_go(edge, fp):
 def test_one_client_cannot_take_every_stream(tiny_dir, fp):
     """With per-device tokens and max_streams_per_client, a device's silent streams are refused beyond
     its share, and another device's session goes through meanwhile."""
-    from coinfer.launcher import start_edge
+    from coinfer.tools.launcher import start_edge
 
     edge = start_edge(tiny_dir, args=["--profile", "false", "--auth-tokens", "evil,honest", "--max-streams", "6",
                                       "--workers", "10", "--max-streams-per-client", "3",
@@ -104,10 +106,10 @@ def test_one_client_cannot_take_every_stream(tiny_dir, fp):
         with grpc.insecure_channel(edge.ready["grpc"]) as ch:
             stub_ = edge_pb2_grpc.EdgeInferenceStub(ch)
             evil = [stub_.Generate(iter(queue.Queue().get, None), timeout=30,
-                                   metadata=(("authorization", "Bearer evil"),)) for _ in range(5)]
+                                   metadata=wire.bearer_metadata("evil")) for _ in range(5)]
             time.sleep(0.5)
             honest = list(stub_.Generate(iter([open_(fp, max_new=3, session_id="ok"), prefill_ids(PROMPT)]),
-                                         timeout=30, metadata=(("authorization", "Bearer honest"),)))
+                                         timeout=30, metadata=wire.bearer_metadata("honest")))
             assert tokens(honest) == greedy_reference(tiny_dir, PROMPT, 3)
             codes = [_ended(c) for c in evil]
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 2, codes

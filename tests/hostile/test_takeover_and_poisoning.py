@@ -7,9 +7,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from coinfer import prefix
+from coinfer import prefix, wire
 from tests.hostile.conftest import PROMPT, Live, head_rows, open_, ops, prefill_ids, tokens
-from tests.serving import greedy_reference, session, stub
+from tests.support.edge import session, stub
+from tests.support.reference import greedy_reference
 
 
 def test_ops_endpoints_do_not_list_session_ids(edge, channel, fp):
@@ -33,7 +34,7 @@ def test_resume_without_the_token_takes_nothing(edge, tiny_dir, fp):
                 session(s, [open_(fp, session_id="v1", resume_tokens=at, resume_token=bad),
                             prefill_ids(PROMPT[at:])])
             assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
-            assert ("coinfer-replay", "session-missing") in (e.value.trailing_metadata() or ())
+            assert (wire.REPLAY_KEY, wire.SESSION_MISSING) in (e.value.trailing_metadata() or ())
         # the cache is still the victim's: its own resume goes on from it, with the same output
         again = session(s, [open_(fp, session_id="v1", resume_tokens=at, resume_token=token),
                             prefill_ids(PROMPT[at:])])
@@ -84,7 +85,7 @@ def test_resume_with_the_token_ends_the_old_stream_for_real(edge, channel, tiny_
 
 def test_k0_prefix_names_must_match_the_ids(edge, tiny_dir, fp):
     common = list(range(10, 42))  # a 32-token "system prompt" every device starts with
-    seed = prefix.seed(fp, 0, "token_ids", "-")
+    seed = prefix.seed(fp, 0, wire.TOKEN_IDS, "-")
     honest = prefix.PrefixChain.over(seed, common)
     forged = prefix.PrefixChain.over(seed, list(range(50, 82)))
     with stub(edge.ready["grpc"]) as s:
@@ -127,7 +128,7 @@ def step(model_dir, history, k):
 def test_takeover_through_the_committed_nginx_config_fails(edge, tiny_dir, fp):
     """Behind nginx (deploy/nginx/nginx.conf) every device is one peer to the edge: still, a resume with
     the victim's id but not its token takes nothing, and the victim's own resume works."""
-    from coinfer.proxies import Proxy
+    from coinfer.tools.proxies import Proxy
 
     proxy = Proxy("nginx", [(edge.ready["grpc"], edge.ready["ops"])])
     try:

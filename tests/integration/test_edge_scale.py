@@ -8,9 +8,9 @@ import threading
 import httpx
 import pytest
 
-from coinfer.launcher import start_agent, start_edge
+from coinfer.tools.launcher import start_agent, start_edge
 from coinfer.model.tokenizer import Tokenizer
-from tests.serving import greedy_reference
+from tests.support.reference import greedy_reference
 
 pytestmark = pytest.mark.integration
 TOPICS = ["the sea", "a small robot", "bread baking", "mountain weather", "old maps", "city trains",

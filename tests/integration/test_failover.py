@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from coinfer.launcher import start_agent, start_edge
+from coinfer.tools.launcher import start_agent, start_edge
 
 pytestmark = pytest.mark.integration
 MESSAGES = [{"role": "user", "content": "Describe a lighthouse at night in four sentences."}]

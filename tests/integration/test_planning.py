@@ -7,8 +7,8 @@ import time
 import httpx
 import pytest
 
-from coinfer.launcher import start_agent, start_edge
-from coinfer.shaper import Shaper
+from coinfer.tools.launcher import start_agent, start_edge
+from coinfer.tools.shaper import Shaper
 
 pytestmark = pytest.mark.integration
 N = 30

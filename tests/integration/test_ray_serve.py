@@ -15,11 +15,11 @@ import grpc
 import httpx
 import pytest
 
-from coinfer.launcher import Proc, start_agent
+from coinfer.tools.launcher import Proc, start_agent
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
-from coinfer.proxies import free_port
-from tests.serving import open_msg
+from coinfer.tools.proxies import free_port
+from tests.support.edge import open_msg
 
 pytestmark = pytest.mark.integration
 PROMPT = [1, 504, 3, 4, 80, 6, 7, 8]

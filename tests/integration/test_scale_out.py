@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from coinfer.launcher import start_agent, start_edge
-from coinfer.proxies import Proxy, ProxyMissing
+from coinfer.tools.launcher import start_agent, start_edge
+from coinfer.tools.proxies import Proxy, ProxyMissing
 
 pytestmark = pytest.mark.integration
 N, TOKENS = 12, 64

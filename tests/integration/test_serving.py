@@ -10,11 +10,12 @@ import grpc
 import httpx
 import pytest
 
-from coinfer.launcher import start_agent, start_edge
+from coinfer.tools.launcher import start_agent, start_edge
 from coinfer.model.tokenizer import Tokenizer
 from coinfer.model.weights import read_fingerprint
 from coinfer.v1 import edge_pb2 as pb
-from tests.serving import greedy_reference, hidden_frame, open_msg, session, stub
+from tests.support.edge import open_msg, session, stub
+from tests.support.reference import greedy_reference, hidden_frame
 
 pytestmark = pytest.mark.integration
 N = 30

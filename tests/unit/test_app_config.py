@@ -7,16 +7,14 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from device_agent.cli import build_parser as agent_parser
 from device_agent.config import AgentSettings
 from edge_server.cli import build_parser as edge_parser
 from edge_server.config import EdgeSettings
 from coinfer.settings_cli import settings_from_args
-from tests.conftest import REPO
-
-PARSERS = {"edge-server": (edge_parser, EdgeSettings), "device-agent": (agent_parser, AgentSettings)}
+from tests.support.compose import PARSERS, check_command, load_compose
+from tests.support.paths import REPO
 
 
 def test_env_then_flags(monkeypatch):
@@ -50,36 +48,18 @@ def test_missing_model_dir_is_a_clean_error(tmp_path):
     assert out.returncode == 1 and "not found" in out.stderr and "Traceback" not in out.stderr
 
 
-def _compose():
-    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
-
-
-def _check_command(argv: list[str]) -> None:
-    """The program exists (our console script or `python -m` of our module) and accepts the flags."""
-    if argv[0] in PARSERS:
-        make_parser, cls = PARSERS[argv[0]]
-        parser = make_parser()
-        settings_from_args(cls, parser.parse_args(argv[1:]), parser)
-    elif argv[:2] == ["python", "-m"]:
-        module = argv[2]
-        mod = __import__(module, fromlist=["build_parser"])
-        mod.build_parser().parse_args(argv[3:])
-    else:
-        raise AssertionError(f"unknown program in docker-compose.yml: {argv[0]}")
-
-
 def test_compose_services_commands_and_health_checks():
-    compose = _compose()
+    compose = load_compose()
     services = compose["services"]
     assert {"edge-server", "device-agent"} <= set(services)
     for name, svc in services.items():
         if svc["image"].startswith("nginx:"):  # the scale-out router: checked in test_deploy_manifests
             continue
         cmd = svc["command"]
-        _check_command(shlex.split(cmd) if isinstance(cmd, str) else cmd)
+        check_command(shlex.split(cmd) if isinstance(cmd, str) else cmd)
         test = svc["healthcheck"]["test"]
         assert test[0] == "CMD"
-        _check_command(test[1:])
+        check_command(test[1:])
         env = svc.get("environment", {})
         assert all(k.startswith("COINFER_") for k in env)
         program = (shlex.split(cmd) if isinstance(cmd, str) else cmd)[0]

@@ -21,18 +21,13 @@ def hidden(t=16, seed=0, outliers=True):
     return x
 
 
-def rebuild(header: dict, body: bytes) -> bytes:
+def rebuild(header, body: bytes) -> bytes:
     h = msgpack.packb(header, use_bin_type=True)
     return struct.pack("<I", len(h)) + h + body
 
 
-def split_frame(frame: bytes) -> tuple[dict, bytes]:
-    """(the header as a version-1 map, body): the bad-frame corpus edits version-1 headers."""
-    (n,) = struct.unpack_from("<I", frame)
-    return {**peek_header(frame), "v": 1}, frame[4 + n :]
-
-
 def split_v2(frame: bytes) -> tuple[list, bytes]:
+    """(the header array [2, codec, shape, scales, aux], body): the bad-frame corpus edits it."""
     (n,) = struct.unpack_from("<I", frame)
     return msgpack.unpackb(frame[4 : 4 + n]), frame[4 + n :]
 
@@ -73,7 +68,7 @@ def test_uniform_step_error_bound_and_exact_outliers(name):
     assert ((y - x).abs() <= step / 2 + 1e-6).all()
     # the massive channels go apart, whole steps: their error is no larger than anyone's
     assert (y[:, [7, 300]] - x[:, [7, 300]]).abs().max() <= step.max() / 2 + 1e-3
-    assert split_frame(encode(x, name))[0]["extras"]["escapes"] == 2 * x.shape[0]
+    assert peek_header(encode(x, name)).aux == 2 * x.shape[0]
 
 
 def test_uniform_step_trades_bytes_for_error():
@@ -108,7 +103,7 @@ def test_bytes_per_token_shrink_with_the_codec(capsys):
     assert per_token["f32"] <= D * 4 * 1.01
     assert per_token["f16"] <= D * 2 * 1.01
     assert per_token["int8"] <= D * 1.1 and per_token["int4"] <= D * 0.6
-    assert peek_header(encode(x, "int8"))["codec"] == "int8"
+    assert peek_header(encode(x, "int8")).codec == "int8"
 
 
 def test_encode_rejects_bad_tensors():
@@ -134,84 +129,70 @@ def good(name="int8"):
 
 def bad_frames() -> dict[str, tuple[bytes, str]]:
     frame = good()
-    h, body = split_frame(frame)
-    f32h, f32body = split_frame(good("f32"))
+    h, body = split_v2(frame)
+    f32h, f32body = split_v2(good("f32"))
+    fh, fbody = split_v2(good("f16"))
     nan = np.zeros(4 * D, dtype=np.float32)
     nan[5] = np.nan
-    inf_scales = np.full(len(h["scales"]) // 2, np.inf, dtype=np.float16).tobytes()
+    inf_scales = np.full(len(h[3]) // 2, np.inf, dtype=np.float16).tobytes()
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
     no_size = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * (4 * D * 4))
     return {
         "empty": (b"", "truncated"),
         "short length": (b"\x01\x00", "truncated"),
         "truncated header": (frame[:10], "truncated"),
-        "truncated body": (rebuild(h, body)[:-5], "body is"),
-        "v2 truncated body": (frame[:-5], "corrupt|expected|zstd"),
+        "truncated body": (frame[:-5], "corrupt|expected|zstd"),
         "huge header length": (struct.pack("<I", 1 << 30) + b"x", "exceeds"),
         "header not msgpack": (struct.pack("<I", 3) + b"\xc1\xc1\xc1", "msgpack"),
-        "header neither map nor array": (rebuild("int8", body), "map .version 1. or an array"),
-        "wrong version": (rebuild({**h, "v": 2}, body), "version"),
-        "bool version": (rebuild({**h, "v": True}, body), "version"),
-        "unknown codec": (rebuild({**h, "codec": "int3"}, body), "unknown codec"),
-        "codec not a string": (rebuild({**h, "codec": [1]}, body), "unknown codec"),
-        "wrong dtype": (rebuild({**h, "dtype": "f64"}, body), "dtype"),
-        "shape mismatch": (rebuild({**h, "shape": [4, 512]}, body), "hidden size"),
-        "shape negative": (rebuild({**h, "shape": [-4, D]}, body), "positive"),
-        "shape not ints": (rebuild({**h, "shape": [4.0, D]}, body), "positive"),
-        "shape bools": (rebuild({**h, "shape": [True, D]}, body), "positive"),
-        "shape too big": (rebuild({**h, "shape": [1 << 20, D]}, body), "cap"),
-        "shape rank 0": (rebuild({**h, "shape": []}, body), "shape"),
-        "scales short": (rebuild({**h, "scales": h["scales"][:-2]}, body), "scales"),
-        "scales inf": (rebuild({**h, "scales": inf_scales}, body), "finite"),
-        "scales missing": (rebuild({**h, "scales": None}, body), "scales"),
-        "scale dtype": (rebuild({**h, "extras": {**h["extras"], "scale_dtype": "f8"}}, body), "scale dtype"),
-        "wrong group": (rebuild({**h, "extras": {**h["extras"], "group": 16}}, body), "group"),
-        "scales on f32": (rebuild({**f32h, "scales": b"\0\0"}, f32body), "no scales"),
-        "body longer": (rebuild(h, body) + b"\0\0\0", "body is"),
-        "v2 body longer": (frame + b"\0\0\0", "trailing"),
-        "body shorter than declared": (rebuild({**h, "body_len": len(body) + 10}, body), "declares"),
-        "no body_len": (rebuild({k: v for k, v in h.items() if k != "body_len"}, body), "body_len"),
-        "body not zstd": (rebuild({**h, "body_len": len(body)}, b"\x00" * len(body)), "zstd"),
-        "zstd bomb over the cap": (rebuild({**f32h, "body_len": len(bomb)}, bomb), "expected"),
-        "no content size": (rebuild({**f32h, "body_len": len(no_size)}, no_size), "content size"),
-        "trailing zstd frame": (rebuild({**f32h, "body_len": len(f32body) * 2}, f32body * 2), "trailing"),
+        "header not an array": (rebuild("int8", body), "unsupported frame version"),
+        "too few fields": (rebuild(h[:4], body), "unsupported frame version"),
+        "too many fields": (rebuild([*h, None], body), "unsupported frame version"),
+        "wrong version": (rebuild([3, *h[1:]], body), "unsupported frame version"),
+        "bool version": (rebuild([True, *h[1:]], body), "unsupported frame version"),
+        "version-1 frame": (_v1_frame(), "unsupported frame version"),
+        "map claiming version 2": (rebuild({"v": 2, "codec": "f16"}, body), "unsupported frame version"),
+        "unknown codec": (rebuild([2, "int3", *h[2:]], body), "unknown codec"),
+        "codec not a string": (rebuild([2, [1], *h[2:]], body), "unknown codec"),
+        "shape mismatch": (rebuild([2, h[1], [4, 512], *h[3:]], body), "hidden size"),
+        "shape negative": (rebuild([2, h[1], [-4, D], *h[3:]], body), "positive"),
+        "shape not ints": (rebuild([2, h[1], [4.0, D], *h[3:]], body), "positive"),
+        "shape bools": (rebuild([2, h[1], [True, D], *h[3:]], body), "positive"),
+        "shape too big": (rebuild([2, h[1], [1 << 20, D], *h[3:]], body), "cap"),
+        "shape rank 0": (rebuild([2, h[1], [], *h[3:]], body), "shape"),
+        "scales short": (rebuild([*h[:3], h[3][:-2], h[4]], body), "scales"),
+        "scales inf": (rebuild([*h[:3], inf_scales, h[4]], body), "finite"),
+        "scales missing": (rebuild([*h[:3], None, h[4]], body), "scales"),
+        "scale dtype": (rebuild([*h[:4], "f8"], body), "scale dtype"),
+        "scales on f32": (rebuild([*f32h[:3], b"\0\0", None], f32body), "no scales"),
+        "aux on f32": (rebuild([*f32h[:4], 3], f32body), "no aux"),
+        "aux on f16": (rebuild([*fh[:4], "f16"], fbody), "no aux"),
+        "body longer": (frame + b"\0\0\0", "trailing"),
+        "body cut": (rebuild(h, body[:-3]), "corrupt|expected|zstd"),
+        "body not zstd": (rebuild(h, b"\x00" * len(body)), "zstd"),
+        "zstd bomb over the cap": (rebuild(f32h, bomb), "expected"),
+        "no content size": (rebuild(f32h, no_size), "content size"),
+        "trailing zstd frame": (rebuild(f32h, f32body * 2), "trailing"),
         "nan in f32 body": (_f32_frame(nan), "NaN"),
         **_bad_uq_frames(),
-        **_bad_v2_frames(),
     }
 
 
-def _bad_v2_frames() -> dict[str, tuple[bytes, str]]:
-    """Version-2 (array) headers: the same checks, plus the array's own shape."""
-    h, body = split_v2(good())
-    uh, ubody = split_v2(good("uq20"))
-    fh, fbody = split_v2(good("f16"))
-    return {
-        "v2 too few fields": (rebuild(h[:4], body), "array header must be"),
-        "v2 wrong version": (rebuild([3, *h[1:]], body), "array header must be"),
-        "v2 bool version": (rebuild([True, *h[1:]], body), "array header must be"),
-        "v1 map claiming v2": (rebuild({"v": 2, "codec": "f16"}, fbody), "version 2 in a map header"),
-        "v2 unknown codec": (rebuild([2, "int3", *h[2:]], body), "unknown codec"),
-        "v2 shape mismatch": (rebuild([2, h[1], [4, 512], *h[3:]], body), "hidden size"),
-        "v2 scale dtype": (rebuild([*h[:4], "f8"], body), "scale dtype"),
-        "v2 scales short": (rebuild([*h[:3], h[3][:-2], h[4]], body), "scales"),
-        "v2 uq escapes not int": (rebuild([*uh[:4], "8"], ubody), "escapes"),
-        "v2 uq escapes miscounted": (rebuild([*uh[:4], uh[4] - 1], ubody), "expected"),
-        "v2 aux on f16": (rebuild([*fh[:4], 3], fbody), "no aux"),
-        "v2 body cut": (rebuild(h, body[:-3]), "corrupt|expected|zstd"),
-    }
+def _v1_frame() -> bytes:
+    """A well-formed frame of version 1 (a map header naming every field): no longer read."""
+    body = zstandard.ZstdCompressor().compress(np.zeros(4 * D, dtype=np.float32).tobytes())
+    return rebuild({"v": 1, "codec": "f32", "shape": [4, D], "dtype": "f32", "scales": None, "body_len": len(body),
+                    "extras": {}}, body)  # fmt: skip
 
 
-def _uq_frame(header: dict, raw: bytes) -> bytes:
-    body = zstandard.ZstdCompressor().compress(raw)
-    return rebuild({**header, "body_len": len(body)}, body)
+def _uq_frame(header: list, raw: bytes) -> bytes:
+    return rebuild(header, zstandard.ZstdCompressor().compress(raw))
 
 
 def _bad_uq_frames() -> dict[str, tuple[bytes, str]]:
     frame = good("uq20")  # hidden(t=4): 8 escaped values
-    h, body = split_frame(frame)
+    h, body = split_v2(frame)
     raw = zstandard.ZstdDecompressor().decompress(body)
-    numel, n = 4 * D, h["extras"]["escapes"]
+    numel, n = 4 * D, h[4]
     q, idx, vals = bytearray(raw[:numel]), raw[numel : numel + 4 * n], raw[numel + 4 * n :]
     unmarked = bytearray(q)
     unmarked[7] = 3
@@ -219,11 +200,11 @@ def _bad_uq_frames() -> dict[str, tuple[bytes, str]]:
     outside = struct.pack("<I", numel + 5) + idx[4:]
     small = struct.pack("<i", 5) + vals[4:]
     return {
-        "uq wrong step": (rebuild({**h, "extras": {**h["extras"], "step": 0.5}}, body), "step"),
-        "uq escapes not int": (rebuild({**h, "extras": {**h["extras"], "escapes": "8"}}, body), "escapes"),
-        "uq escapes too many": (rebuild({**h, "extras": {**h["extras"], "escapes": numel + 1}}, body), "escapes"),
-        "uq escapes miscounted": (rebuild({**h, "extras": {**h["extras"], "escapes": n - 1}}, body), "expected"),
-        "uq scales per row": (rebuild({**h, "scales": h["scales"][:-2]}, body), "one per row"),
+        "uq escapes not int": (rebuild([*h[:4], "8"], body), "escapes"),
+        "uq escapes negative": (rebuild([*h[:4], -1], body), "escapes"),
+        "uq escapes too many": (rebuild([*h[:4], numel + 1], body), "escapes"),
+        "uq escapes miscounted": (rebuild([*h[:4], n - 1], body), "expected"),
+        "uq scales per row": (rebuild([*h[:3], h[3][:-2], h[4]], body), "one per row"),
         "uq marker missing": (_uq_frame(h, bytes(unmarked) + idx + vals), "do not match"),
         "uq indices unordered": (_uq_frame(h, bytes(q) + backwards + vals), "increasing"),
         "uq index outside": (_uq_frame(h, bytes(q) + outside + vals), "inside"),
@@ -232,10 +213,7 @@ def _bad_uq_frames() -> dict[str, tuple[bytes, str]]:
 
 
 def _f32_frame(values: np.ndarray) -> bytes:
-    body = zstandard.ZstdCompressor().compress(values.tobytes())
-    header = {"v": 1, "codec": "f32", "shape": [4, D], "dtype": "f32", "scales": None, "body_len": len(body),
-              "extras": {}}  # fmt: skip
-    return rebuild(header, body)
+    return rebuild([2, "f32", [4, D], None, None], zstandard.ZstdCompressor().compress(values.tobytes()))
 
 
 @pytest.mark.parametrize("case", list(bad_frames()))

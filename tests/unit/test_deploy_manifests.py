@@ -10,24 +10,20 @@ returns its problems and is also run on a copy with the thing removed, so each c
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import re
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
 
-from coinfer.v1 import edge_pb2 as pb
-from edge_server import ray_serve, security
+from edge_server import ray_serve
 from edge_server.metrics import EdgeMetrics
-from tests.unit.test_app_config import _check_command, _compose
+from tests.support.compose import check_command, load_compose
+from tests.support.paths import REPO
+from tests.support.ray_fakes import FakeRayContext, bearer
 
-REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"
 IMAGE = "coinfer:0.1.0"
 ROUTER_IMAGE = "nginx:1.27-alpine"
@@ -65,7 +61,7 @@ def test_containers_run_our_image_with_real_flags_ports_and_probes():
                 assert ports == {50051}
                 continue
             argv = c["command"]
-            _check_command(argv)  # the program exists and takes these flags
+            check_command(argv)  # the program exists and takes these flags
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             if argv[0] == "edge-server":
                 grpc_port, ops_port = _flag(argv, "--grpc-port"), _flag(argv, "--ops-port")
@@ -116,7 +112,7 @@ def test_the_router_hashes_on_the_session_id_and_resolves_the_headless_service()
 
 
 def test_compose_scale_out_profile():
-    services = _compose()["services"]
+    services = load_compose()["services"]
     scale = {n: s for n, s in services.items() if "scale-out" in s.get("profiles", [])}
     assert {"edge-1", "edge-2", "edge-3", "edge-router", "device-agent-scale-out"} == set(scale)
     router = scale["edge-router"]
@@ -127,7 +123,7 @@ def test_compose_scale_out_profile():
         assert scale[edge]["command"][0] == "edge-server" and f"server {edge}:50051" in nginx
         assert router["depends_on"][edge]["condition"] == "service_healthy"
     agent = scale["device-agent-scale-out"]
-    _check_command(agent["command"])
+    check_command(agent["command"])
     assert agent["environment"]["COINFER_EDGE"] == "edge-router:50051"
 
 
@@ -380,7 +376,7 @@ def _published(services: dict) -> list[tuple[str, str, int]]:
 
 
 def test_compose_publishes_the_rest_ports_on_loopback_unless_told_otherwise():
-    raw = _compose()["services"]
+    raw = load_compose()["services"]
     published = _published(_interpolate(raw, {}))
     assert ("device-agent", "127.0.0.1", 8000) in published
     assert published and all(host == "127.0.0.1" for _, host, _ in published), published
@@ -414,7 +410,7 @@ def _compose_token_problems(services: dict, env: dict[str, str]) -> list[str]:
 
 
 def test_compose_edges_require_per_device_tokens():
-    services = _compose()["services"]
+    services = load_compose()["services"]
     assert len([s for s in services.values() if s.get("command", [None])[0] == "edge-server"]) == 5
     assert _compose_token_problems(services, {}) == []  # the built-in (dev-only) defaults
     example = _env_file(ENV_EXAMPLE)
@@ -539,152 +535,19 @@ def test_haproxy_limits_connections_globally_and_per_server():
     assert _haproxy_limit_problems(re.sub(r" maxconn \d+", "", re.sub(r"(?m)^    maxconn \d+\n", "", text)))
 
 
-# -- the Ray Serve path: same token auth, no TLS pretence, bounded inbox --------------------------
-
-class FakeRayContext:
-    """What Ray's proxy hands a replica (RayServegRPCContext): the client's metadata and peer."""
-
-    def __init__(self, metadata=()) -> None:
-        self.metadata, self.code, self.details = list(metadata), None, None
-
-    def invocation_metadata(self):
-        return self.metadata
-
-    def auth_context(self):
-        return {}
-
-    def peer(self):
-        return "ipv4:10.0.0.9:5555"
-
-    def set_code(self, code):
-        self.code = code
-
-    def set_details(self, details):
-        self.details = details
-
-    def set_trailing_metadata(self, md):
-        pass
-
-
-class FakeService:
-    def __init__(self, read_delay: float = 0.0) -> None:
-        self.calls, self.read_delay, self.produced_before_second_read = [], read_delay, None
-        self.received: list = []
-
-    def Describe(self, request, context):
-        self.calls.append("Describe")
-        return pb.DescribeResponse(model="fake")
-
-    def Probe(self, request, context):
-        self.calls.append("Probe")
-        return pb.ProbeResponse()
-
-    def Generate(self, requests, context):
-        self.calls.append(("Generate", security.identity(context)))
-        it = iter(requests)
-        for msg in it:
-            self.received.append(msg)
-            if len(self.received) == 1 and self.read_delay:
-                time.sleep(self.read_delay)  # a slow edge: the device must wait, not pile up messages
-                self.produced_before_second_read = self.producer[0]
-        yield pb.EdgeMessage()
-
-
-def _replica(tokens: list[str], service: FakeService) -> ray_serve.EdgeReplica:
-    replica = ray_serve.EdgeReplica.__new__(ray_serve.EdgeReplica)  # no model: the bridge alone
-    replica.auth, replica.service = ray_serve.TokenCheck(tokens), service
-    replica._pool = ThreadPoolExecutor(4)
-    return replica
-
-
-def _bearer(token: str):
-    return [("session_id", "s"), ("authorization", f"Bearer {token}")]
-
+# -- the Ray Serve path: same token auth, no TLS pretence (its bridge runs in tests/component) ------
 
 def test_ray_token_check_is_the_plain_servers_rule():
     check = ray_serve.TokenCheck(["tok-a", "tok-b"])
-    assert check.enabled and check.allows(FakeRayContext(_bearer("tok-b")))
-    for md in ((), _bearer("tok-c"), _bearer("tok-a "), [("authorization", "tok-a")], [("authorization", "Basic tok-a")]):
+    assert check.enabled and check.allows(FakeRayContext(bearer("tok-b")))
+    for md in ((), bearer("tok-c"), bearer("tok-a "), [("authorization", "tok-a")], [("authorization", "Basic tok-a")]):
         assert not check.allows(FakeRayContext(md)), md
     assert not check.allows(None)  # a call without any context (a local handle) has no token either
     assert ray_serve.TokenCheck([]).allows(FakeRayContext())  # no tokens configured: open, as edge-server
-    ctx = FakeRayContext(_bearer("tok-c"))
+    ctx = FakeRayContext(bearer("tok-c"))
     with pytest.raises(ray_serve.StreamAborted):
         check.require(ctx)
     assert ctx.code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in ctx.details
-
-
-def test_ray_replica_refuses_calls_without_a_known_token_before_the_servicer_runs():
-    service = FakeService()
-    replica = _replica(["tok-a"], service)
-
-    async def stream(n: int, counter: list[int] | None = None):
-        for _ in range(n):
-            if counter is not None:
-                counter[0] += 1
-            yield pb.DeviceMessage()
-
-    async def generate(ctx):
-        return [m async for m in replica.Generate(stream(3), ctx)]
-
-    async def main():
-        for call in (lambda c: replica.Describe(pb.DescribeRequest(), grpc_context=c),
-                     lambda c: replica.Probe(pb.ProbeRequest(), grpc_context=c), generate):
-            for ctx in (FakeRayContext(), FakeRayContext(_bearer("wrong"))):
-                with pytest.raises(ray_serve.StreamAborted):
-                    await call(ctx)
-                assert ctx.code == grpc.StatusCode.UNAUTHENTICATED
-        assert service.calls == []
-        ok = FakeRayContext(_bearer("tok-a"))
-        assert (await replica.Describe(pb.DescribeRequest(), grpc_context=ok)).model == "fake"
-        assert len(await generate(ok)) == 1 and ok.code is None
-
-    try:
-        asyncio.run(main())
-    finally:
-        replica._pool.shutdown()
-    # the device's identity survives Ray's proxy: its token, not the proxy's or the peer's address
-    assert service.calls[-1] == ("Generate", security.token_identity("tok-a"))
-
-
-def test_ray_replica_back_pressures_a_device_that_sends_faster_than_the_edge_reads():
-    service = FakeService(read_delay=0.5)
-    produced = service.producer = [0]
-    replica = _replica([], service)
-    n = 5 * ray_serve.INBOX_MESSAGES
-
-    async def flood():
-        for i in range(n):
-            produced[0] += 1
-            yield pb.DeviceMessage(prefill=pb.Prefill(token_ids=[i]))
-
-    async def main():
-        return [m async for m in replica.Generate(flood(), FakeRayContext())]
-
-    try:
-        assert len(asyncio.run(main())) == 1
-    finally:
-        replica._pool.shutdown()
-    # while the servicer held message 1, at most the inbox's worth (plus one awaiting room) was read
-    assert service.produced_before_second_read <= 1 + ray_serve.INBOX_MESSAGES + 1
-    assert [m.prefill.token_ids[0] for m in service.received] == list(range(n))  # nothing lost, in order
-
-
-def test_ray_inbox_is_bounded_and_closes_without_blocking():
-    inbox = ray_serve.Inbox(2)
-    assert inbox.queue.maxsize == 2
-
-    async def fill():
-        assert await inbox.put(1) and await inbox.put(2)
-        waiting = asyncio.ensure_future(inbox.put(3))
-        await asyncio.sleep(0.05)
-        assert not waiting.done() and inbox.queue.qsize() == 2  # full: the producer waits
-        threading.Timer(0.05, inbox.close).start()  # a resume or deadline ends the stream meanwhile
-        assert await waiting is False  # ... the waiting message is dropped, nothing blocks
-
-    asyncio.run(fill())
-    inbox.close()  # again, and while full: returns at once
-    assert list(inbox) == [1, 2]  # the reader takes what was queued, then sees the end
 
 
 def test_ray_path_refuses_tls_settings_instead_of_serving_plaintext(tmp_path):
@@ -734,7 +597,7 @@ def _cap_problems(k8s_env: dict, compose_env: dict, ray_args: dict) -> list[str]
 
 def test_per_client_caps_in_every_config_and_kubernetes_scrapes_without_a_token():
     k8s = _edge_env_k8s(_docs())
-    compose = _compose()["services"]["edge-server"]["environment"]
+    compose = load_compose()["services"]["edge-server"]["environment"]
     ray = yaml.safe_load((REPO / "deploy" / "ray" / "serve_config.yaml").read_text())["applications"][0]["args"]
     assert _cap_problems(k8s, compose, ray) == []
     for drop in (lambda k, c, r: k.pop("COINFER_OPS_AUTH"), lambda k, c, r: c.pop(PER_CLIENT[0]),

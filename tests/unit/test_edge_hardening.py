@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from coinfer import wire
 from coinfer.prefix import BLOCK, PrefixChain, seed
 from edge_server import security
 from edge_server.config import EdgeSettings
 from edge_server.deadlines import Watched, overdue
 from edge_server.sessions import SessionStore, _state_at
-from tests.unit.test_session_store import PER_CHUNK, _fill, _session
+from tests.support.kv_store import PER_CHUNK, fill, tail_session
 
 NOP = lambda: None  # noqa: E731
 
@@ -30,10 +31,10 @@ def test_overdue_streams(deadline, expired, now, late):
 
 
 def _kept(store: SessionStore, sid: str, token: bytes, n: int = 37):
-    s = _session(sid)
+    s = tail_session(sid)
     s.owner, s.resume_token = "peer:1", token
     s.chain = PrefixChain.over(seed("fp", 1, "f32", "fp32"), list(range(n)))
-    _fill(store, s, n)
+    fill(store, s, n)
     assert store.keep(s)
     return s
 
@@ -42,10 +43,10 @@ def test_resume_needs_the_sessions_own_token():
     store = SessionStore(max_sessions=8, budget_bytes=64 * PER_CHUNK)
     _kept(store, "a", b"t" * 16)
     for token in (b"", b"u" * 16, b"t" * 15):
-        thief = _session("a")
+        thief = tail_session("a")
         thief.owner = "peer:1"
         assert not store.resume(thief, 10, token)
-    owner = _session("a")
+    owner = tail_session("a")
     owner.owner = "peer:1"
     assert store.resume(owner, 10, b"t" * 16) and owner.cache.length == 10
 
@@ -53,14 +54,14 @@ def test_resume_needs_the_sessions_own_token():
 def test_a_session_resumed_in_mid_block_keeps_the_names_it_started_from():
     store = SessionStore(max_sessions=8, budget_bytes=64 * PER_CHUNK)
     first = _kept(store, "a", b"t" * 16)
-    again = _session("a")
+    again = tail_session("a")
     again.owner = "peer:1"
     assert store.resume(again, 2 * BLOCK + 3, b"t" * 16)
     assert again.start_state is None  # mid-block: the chain's state there is unknown
     assert again.chain_blocks == first.chain.blocks[:2]
-    _fill(store, again, 4)  # the resumed stream adds positions but names nothing new
+    fill(store, again, 4)  # the resumed stream adds positions but names nothing new
     assert store.keep(again)
-    later = _session("b")
+    later = tail_session("b")
     later.owner = "peer:1"
     assert store.claim(later, [(first.chain.blocks[1], 2 * BLOCK)]) == 2 * BLOCK  # still claimable
 
@@ -89,7 +90,7 @@ class _Ctx:
 
 
 def test_a_bearer_names_the_client_only_where_tokens_are_checked():
-    ctx = _Ctx((("authorization", "Bearer anything"),))
+    ctx = _Ctx(wire.bearer_metadata("anything"))
     assert security.identity(ctx, tokens_required=True) == security.token_identity("anything")
     # unchecked, a client could pick a new identity per call and slip past the per-client limits
     assert security.identity(ctx, tokens_required=False) == "peer:ipv4:127.0.0.1"

@@ -7,8 +7,8 @@ import pytest
 from coinfer import compute
 from coinfer import profile as profiles
 from coinfer.model import load_slice
-from device_agent.link import LinkEstimator, probe_plan
-from device_agent.partitioner import LinkEstimate
+from coinfer.planning.link import LinkEstimator, probe_plan
+from coinfer.planning.partitioner import LinkEstimate
 
 
 def transfer(est: LinkEstimator, up: int, down: int, bw_up: float, bw_down: float, rtt: float, edge: float,
@@ -134,9 +134,9 @@ def test_line_fit():
 
 def test_planner_learns_only_from_exchanges_that_had_the_link_alone():
     from device_agent.config import AgentSettings
-    from device_agent.edge_client import Exchange
+    from device_agent.edge.client import Exchange
     from device_agent.planning import Planner
-    from tests.unit.test_partitioner import profile
+    from tests.support.profiles import profile
 
     p = Planner(AgentSettings(edge=""), profile(), None)
     q = p.quiet(0)

@@ -11,7 +11,7 @@ from coinfer.cli import main
 from coinfer.model import load_slice, read_fingerprint
 from coinfer.model.prepare import BUNDLED_INSTALL, PrepareError, prepare
 from coinfer.model.tokenizer import Tokenizer
-from tests.conftest import make_tiny_hf_dir
+from tests.support.tiny_model import make_tiny_hf_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Weight precision per slice: fp32 stays exact, bf16, int8 and int4 load, generate and stay close."""
+"""Weight precision per slice: fp32 stays exact, bf16, int8 and int4 load, generate and stay close.
+(A quantized edge and device serving a request: tests/component/test_quantize.py.)"""
 
 import pytest
 import torch
@@ -137,24 +138,3 @@ def test_split_views_and_mixed_precision_sides(tiny_dir, precision):
 def test_unknown_precision_is_refused(tiny_dir):
     with pytest.raises(ValueError, match="fp32, bf16, int8, int4"):
         apply_precision(load_slice(tiny_dir), "int3")
-
-
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_quantized_edge_and_device_serve(tiny_dir, weights):
-    """COINFER_WEIGHTS per side: a quantized edge reports it in Describe; a quantized device head feeds it."""
-    from fastapi.testclient import TestClient
-
-    from coinfer.v1 import edge_pb2 as pb
-    from device_agent.cli import build_app
-    from device_agent.config import AgentSettings
-    from tests.serving import address, edge_server, stub
-
-    with edge_server(tiny_dir, weights=weights) as srv:
-        with stub(address(srv)) as s:
-            assert s.Describe(pb.DescribeRequest(), timeout=5).weights == weights
-        app = build_app(AgentSettings(model_dir=str(tiny_dir), edge=address(srv), split="3", weights=weights))
-        with TestClient(app) as c:
-            name = c.get("/v1/models").json()["data"][0]["id"]
-            r = c.post("/v1/completions", json={"model": name, "prompt": "w1 w2", "max_tokens": 4, "temperature": 0})
-            assert r.status_code == 200 and r.json()["coinfer"]["device_weights"] == weights
-            assert r.json()["usage"]["completion_tokens"] >= 1

@@ -9,10 +9,10 @@ import random
 import grpc
 import pytest
 
-from device_agent import retry_policy as rp
+from device_agent.edge import retry_policy as rp
 from device_agent.api.errors import from_edge
-from device_agent.edge_client import EdgeError, MessageTooLarge
-from device_agent.retry_policy import Action, AttemptState, Failure, Kind, decide
+from device_agent.edge.client import EdgeError, MessageTooLarge
+from device_agent.edge.retry_policy import Action, AttemptState, Failure, Kind, decide
 
 C = grpc.StatusCode
 NOW, BUDGET, REPLAYS, HINT = 1000.0, 10.0, 3, 0.3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from device_agent.api import protocol as p
 from device_agent.api.errors import APIError
-from device_agent.api.logic import ServingLogic
+from device_agent.api.logic import Events, ServingLogic
 
 router = APIRouter()
 
@@ -34,7 +34,7 @@ def _affinity(request: Request, body: p._Request) -> str:
         raise APIError(400, str(e), param="X-Session-Id", code="invalid_session_id") from None
 
 
-async def _sse(chunks: Iterator[str]) -> AsyncIterator[str]:
+async def _sse(chunks: Generator[str, None, None]) -> AsyncIterator[str]:
     try:
         async for c in iterate_in_threadpool(chunks):
             yield c
@@ -47,7 +47,7 @@ class GenerationStream(StreamingResponse):
     hung up, or it was never started (a disconnect before the first chunk leaves `_sse` unstarted, so
     the engine's iterator, which already holds an edge session, is closed here too)."""
 
-    def __init__(self, chunks: Iterator[str], events: Iterator, release: Callable[[], None]) -> None:
+    def __init__(self, chunks: Generator[str, None, None], events: Events, release: Callable[[], None]) -> None:
         super().__init__(_sse(chunks), media_type="text/event-stream")
         self._chunks, self._events, self._release = chunks, events, release
 
@@ -112,5 +112,4 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request):
 @router.post("/v1/completions", response_model=p.Completion)
 async def completions(body: p.CompletionRequest, request: Request):
     logic = _logic(request)
-    return await _respond(request, body, logic.completion_request, logic.completion_response,
-                          logic.completion_stream)
+    return await _respond(request, body, logic.completion_request, logic.completion_response, logic.completion_stream)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from device_agent.edge_client import EdgeError
+from device_agent.edge.client import EdgeError
 
 router = APIRouter()
 
@@ -30,8 +30,12 @@ async def readyz(request: Request) -> JSONResponse:
         try:
             d = await run_in_threadpool(engine.edge.describe, True, 1.0)  # probes must answer fast
             ok = d.fingerprint == engine.head.fingerprint
-            body["edge"] = {"address": engine.edge.address, "status": "ok" if ok else "fingerprint mismatch",
-                            "fingerprint": d.fingerprint, "active_sessions": d.load.active_sessions}
+            body["edge"] = {
+                "address": engine.edge.address,
+                "status": "ok" if ok else "fingerprint mismatch",
+                "fingerprint": d.fingerprint,
+                "active_sessions": d.load.active_sessions,
+            }
         except EdgeError as e:
             body["edge"] = {"address": engine.edge.address, "status": f"unreachable: {e.code.name}"}
     edge_ok = body["edge"] is not None and body["edge"]["status"] == "ok"
