@@ -19,6 +19,7 @@ from device_agent.metrics import AgentMetrics
 from coinfer.wire import RESUME_TOKEN_BYTES as TOKEN_BYTES
 from edge_server.sessions import SessionStore
 from tests.support.kv_store import PER_CHUNK, keep_finished, tail_session
+from tests.support.grpc_fakes import FakeRpcError
 
 
 def test_store_resumes_only_the_same_session_of_the_same_client_with_its_token_at_a_held_position():
@@ -41,37 +42,23 @@ def test_store_resumes_only_the_same_session_of_the_same_client_with_its_token_a
     assert store.kept_count == 0 and store.stats.resumed == 1
 
 
-class _Broken(grpc.RpcError):
-    def __init__(self, code, details, trailers=()) -> None:
-        self._code, self._details, self._trailers = code, details, trailers
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-    def trailing_metadata(self):
-        return self._trailers
-
-
 @pytest.mark.parametrize("code,details", [
     (grpc.StatusCode.INTERNAL, "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))"),  # nginx
     (grpc.StatusCode.UNKNOWN, "Stream removed (Data frame with END_STREAM flag received)"),  # HAProxy
 ])
 def test_a_stream_reset_by_a_proxy_counts_as_a_lost_session(code, details):
-    e = EdgeError.from_rpc(_Broken(code, details))
+    e = EdgeError.from_rpc(FakeRpcError(code, details))
     assert e.code == grpc.StatusCode.UNAVAILABLE and e.retryable
-    assert not EdgeError.from_rpc(_Broken(grpc.StatusCode.INTERNAL, "protocol error: bad frame")).retryable
+    assert not EdgeError.from_rpc(FakeRpcError(grpc.StatusCode.INTERNAL, "protocol error: bad frame")).retryable
 
 
 def test_the_edges_status_survives_a_proxy_that_resets_the_stream():
     # HAProxy answers an edge's NOT_FOUND as CANCELLED (RST_STREAM) but passes the trailing metadata on
     reset = "Stream removed (RST_STREAM (Received RST_STREAM with error code 8))"
-    e = EdgeError.from_rpc(_Broken(grpc.StatusCode.CANCELLED, reset,
+    e = EdgeError.from_rpc(FakeRpcError(grpc.StatusCode.CANCELLED, reset,
                                    (("coinfer-status", "NOT_FOUND"), ("coinfer-replay", "session-missing"))))
     assert e.code == grpc.StatusCode.NOT_FOUND
-    e = EdgeError.from_rpc(_Broken(grpc.StatusCode.CANCELLED, reset, (("coinfer-status", "INVALID_ARGUMENT"),)))
+    e = EdgeError.from_rpc(FakeRpcError(grpc.StatusCode.CANCELLED, reset, (("coinfer-status", "INVALID_ARGUMENT"),)))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and not e.retryable
 
 

@@ -9,6 +9,7 @@ import pytest
 from coinfer import wire
 from device_agent.edge.client import EdgeAuth, EdgeError
 from edge_server import security
+from tests.support.grpc_fakes import FakeRpcError
 
 
 @pytest.mark.parametrize("code", list(grpc.StatusCode))
@@ -30,27 +31,13 @@ def test_unreadable_trailers_tell_nothing(metadata):
     assert wire.parse_error_trailers(metadata) == wire.ErrorTrailers()
 
 
-class _Rpc(grpc.RpcError):
-    def __init__(self, code, details, trailers):
-        self._code, self._details, self._trailers = code, details, trailers
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-    def trailing_metadata(self):
-        return self._trailers
-
-
 def test_the_device_reads_what_the_edge_writes():
     """edge_server writes wire.error_trailers; EdgeError.from_rpc reads them, also after a proxy
     replaced the status with CANCELLED."""
     full = wire.error_trailers(grpc.StatusCode.RESOURCE_EXHAUSTED, 0.7)
-    e = EdgeError.from_rpc(_Rpc(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", full))
+    e = EdgeError.from_rpc(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", full))
     assert (e.code, e.retry_after) == (grpc.StatusCode.RESOURCE_EXHAUSTED, pytest.approx(0.7))
-    e = EdgeError.from_rpc(_Rpc(grpc.StatusCode.CANCELLED, "reset", wire.error_trailers(grpc.StatusCode.ABORTED)))
+    e = EdgeError.from_rpc(FakeRpcError(grpc.StatusCode.CANCELLED, "reset", wire.error_trailers(grpc.StatusCode.ABORTED)))
     assert e.code == grpc.StatusCode.ABORTED and e.retry_after is None
 
 
