@@ -8,6 +8,7 @@ table is a fault of the edge: INTERNAL, logged here with the session id, its tex
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -51,6 +52,25 @@ def status_of(e: Exception) -> tuple[grpc.StatusCode, str, wire.Metadata] | None
         if isinstance(e, kind):
             return code, str(e), wire.error_trailers(code, getattr(e, "retry_after", None))
     return None
+
+
+def _unary_faults(method):
+    """Describe and Probe answer a fault of the edge the way Generate does: INTERNAL without its text
+    (grpc's default, UNKNOWN with the exception's text, would hand internals to the caller), logged
+    with its traceback."""
+
+    @functools.wraps(method)
+    def answer(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception:  # noqa: BLE001 - a unary call answers a status, INTERNAL at worst
+            log.exception("%s failed on the edge", method.__name__)
+            if context is None:  # called in-process (edge_server.ray_serve): its caller answers
+                raise
+            context.set_trailing_metadata(wire.error_trailers(_C.INTERNAL))
+            context.abort(_C.INTERNAL, INTERNAL_DETAILS)
+
+    return answer
 
 
 def _canceller(context):
@@ -101,6 +121,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
             self.metrics.prefill_chunks.inc()
 
     # -- unary ---------------------------------------------------------------------------
+    @_unary_faults
     def Describe(self, request, context) -> pb.DescribeResponse:
         cfg, runner = self.runner.cfg, self.runner
         queue, busy = runner.load.snapshot()
@@ -128,6 +149,7 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
             reply.profile.CopyFrom(profile.to_pb(runner.profile))
         return reply
 
+    @_unary_faults
     def Probe(self, request, context) -> pb.ProbeResponse:
         """An echo for link measurements; the reply is capped (max_probe_bytes) so a flood of probes
         asking for the message limit cannot turn the edge into an amplifier."""

@@ -201,13 +201,16 @@ class SessionStore:
     # -- prefix reuse -----------------------------------------------------------------------
     def keep(self, s: TailSession) -> bool:
         """Keep a finished (or broken-off) session's cache for prefix reuse and resume; its live
-        session no longer owns it."""
-        if s.evicted or not s.cache.length:
-            return False
-        # without a chain (the device named nothing, or a resume in mid-block at split 0) the names of
-        # the blocks it started from still hold: they were checked when they were filed
-        hashes = s.chain.blocks_within(s.cache.length) if s.chain is not None else s.chain_blocks
+        session no longer owns it.
+
+        The check and the move share one hold of the lock: another session's reservation may evict
+        s (clearing its cache) at any moment outside it, and an emptied cache must never be filed."""
         with self._lock:
+            if s.evicted or not s.cache.length:
+                return False
+            # without a chain (the device named nothing, or a resume in mid-block at split 0) the names
+            # of the blocks it started from still hold: they were checked when they were filed
+            hashes = s.chain.blocks_within(s.cache.length) if s.chain is not None else s.chain_blocks
             chain = (
                 PrefixChain(s.chain.state, s.chain.length)
                 if s.chain is not None and s.chain.length == s.cache.length
@@ -272,6 +275,7 @@ class SessionStore:
                     or kept.codec != s.codec
                     or not 0 <= i < len(kept.hashes)
                     or kept.hashes[i] != h
+                    or kept.cache.length < length
                 ):
                     continue
                 self._hand_over(key, kept, s, length)

@@ -53,3 +53,23 @@ def test_an_internal_error_answers_internal_and_the_edge_keeps_serving(edge, tin
     assert logged and logged[0].exc_info and "secret internal detail" in str(logged[0].exc_info[1])
     assert [r.token.id for r in replies[1:-1]] == greedy_reference(tiny_dir, PROMPT, 4)
     assert edge.service.metrics.registry.get_sample_value("coinfer_sessions_total", {"outcome": "internal"}) >= 1
+
+
+@pytest.mark.parametrize("call", ["Describe", "Probe"])
+def test_a_fault_in_a_unary_call_answers_internal_without_its_text(edge, caplog, call, monkeypatch):
+    """grpc's own answer to a handler that raises is UNKNOWN with the exception's text; ours is
+    INTERNAL without it, logged, and the next call is served."""
+    def broken(*_):
+        raise RuntimeError("secret internal detail")
+
+    target = (edge.service.runner.load, "snapshot") if call == "Describe" else (edge.service.metrics.probe_bytes, "inc")
+    request = pb.DescribeRequest() if call == "Describe" else pb.ProbeRequest(reply_bytes=8)
+    with stub(address(edge)) as s, caplog.at_level(logging.INFO, logger="coinfer.edge"):
+        with monkeypatch.context() as m:
+            m.setattr(*target, broken)
+            with pytest.raises(grpc.RpcError) as e:
+                getattr(s, call)(request, timeout=10)
+        assert e.value.code() == C.INTERNAL and e.value.details() == INTERNAL_DETAILS
+        assert wire.parse_error_trailers(e.value.trailing_metadata()).code == C.INTERNAL
+        assert any(call in r.getMessage() and r.exc_info for r in caplog.records)
+        assert getattr(s, call)(request, timeout=10) is not None  # still serving
