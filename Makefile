@@ -57,8 +57,8 @@ docs: setup
 
 # ruff (lint + format check) and mypy on the library packages and benchmarks (settings in pyproject.toml)
 lint: setup
-	$(BIN)/ruff check coinfer device_agent edge_server benchmarks
-	$(BIN)/ruff format --check coinfer device_agent edge_server benchmarks
+	$(BIN)/ruff check coinfer device_agent edge_server benchmarks tests
+	$(BIN)/ruff format --check coinfer device_agent edge_server benchmarks tests
 	$(BIN)/mypy
 
 # the linters, then every kind (tests/README.md), slow tests included; prints the 15 slowest

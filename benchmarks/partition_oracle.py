@@ -3,8 +3,8 @@
 Real processes: one edge-server (1 torch thread), one device-agent per (device slow-down,
 scenario) (1 torch thread), the link between them through our shaper (coinfer/tools/shaper.py:
 rate each way + one-way delay = RTT / 2). Grid: uplink 256 kbit/s, 2, 20 Mbit/s x RTT 5,
-50 ms x device slow-down 1x, 4x (BENCHMARK EMULATION: the agent sleeps (f-1) x each
-forward's time) x {no floor, idle edge; privacy floor 2, edge busy with 8 background
+50 ms x device slow-down 1x, 4x (BENCHMARK EMULATION, benchmarks/emulated_device.py: the agent
+sleeps (f-1) x each forward's time) x {no floor, idle edge; privacy floor 2, edge busy with 8 background
 sessions}. In each cell: a 128-token prompt + 32 new tokens (greedy, ignore_eos), end-to-end
 latency measured at the REST client for every cut in the sweep set (0, the floor, N and
 interior points), then once with split "auto" (the planner's choice, from the estimates the
@@ -48,6 +48,7 @@ PROMPT, NEW = 128, 32
 LINKS = [(256e3, 0.005), (256e3, 0.05), (2e6, 0.005), (2e6, 0.05), (20e6, 0.005), (20e6, 0.05)]
 SCENARIOS = {"open": dict(floor=0, busy=0), "floor2_busy8": dict(floor=2, busy=8)}
 CENSOR = 1.5
+EMULATED_DEVICE = Path(__file__).with_name("emulated_device.py")  # the agent, its head slowed down
 
 
 def sweep_cuts(floor: int) -> list[int]:
@@ -201,11 +202,10 @@ def agent_for(model_dir: str, shaper: Shaper, slowdown: float, floor: int):
     return start_agent(
         model_dir,
         f"127.0.0.1:{shaper.port}",
+        program=[sys.executable, str(EMULATED_DEVICE), "--slowdown", str(slowdown)],
         args=[
             "--torch-threads",
             "1",
-            "--device-slowdown",
-            str(slowdown),
             "--min-device-layers",
             str(floor),
             "--describe-interval-seconds",

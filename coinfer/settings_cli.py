@@ -1,19 +1,23 @@
-"""Command-line flags generated from a pydantic-settings class, so each app's `--help`
-lists every setting with its unit, default and `COINFER_` variable, and flags override env."""
+"""Command-line flags generated from grouped settings (coinfer.settings_groups), so each app's
+`--help` lists every setting under its group with its unit, default and `COINFER_` variable, and
+flags override env. `coinfer plan` generates its planner flags from the same groups."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterable
 from typing import TypeVar
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings
 
-S = TypeVar("S", bound=BaseSettings)
+from coinfer.settings_groups import GroupedSettings, SettingsGroup
+
+S = TypeVar("S", bound=GroupedSettings)
+G = TypeVar("G", bound=SettingsGroup)
 
 
-def app_parser(prog: str, description: str, cls: type[BaseSettings]) -> argparse.ArgumentParser:
+def app_parser(prog: str, description: str, cls: type[GroupedSettings]) -> argparse.ArgumentParser:
     """An app's parser: one flag per setting, plus --log-level."""
     p = argparse.ArgumentParser(
         prog=prog,
@@ -33,28 +37,54 @@ def parse_app_args(parser: argparse.ArgumentParser, cls: type[S], argv: list[str
     return settings
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
-    prefix = cls.model_config.get("env_prefix", "")
-    for name, field in cls.model_fields.items():
-        env = f"{prefix}{name}".upper()
+def add_settings_flags(parser: argparse.ArgumentParser, cls: type[GroupedSettings]) -> None:
+    """A flag per setting of every group, each group a section of `--help`."""
+    for group in cls.groups().values():
+        add_group_flags(parser, group, env_prefix=str(cls.model_config.get("env_prefix", "")))
+
+
+def add_group_flags(
+    parser: argparse.ArgumentParser, group: type[SettingsGroup], env_prefix: str | None
+) -> argparse._ArgumentGroup:
+    """`--field-name` per field of one group, in a `--help` section of its own (returned); env_prefix
+    None: a tool that reads no environment (its help then names none)."""
+    section = parser.add_argument_group(group.title(), group.purpose())
+    for name, field in group.model_fields.items():
         kind = int if field.annotation is int else float if field.annotation is float else str
-        parser.add_argument(
+        env = "" if env_prefix is None else f"env {(env_prefix + name).upper()}, "
+        section.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
             type=kind,
             default=None,
             metavar=name.upper(),
-            help=f"{field.description} [env {env}, default {field.default!r}]",
+            help=f"{field.description} [{env}default {field.default!r}]",
         )
+    return section
+
+
+def given_flags(names: Iterable[str], args: argparse.Namespace) -> dict[str, object]:
+    """The flags among `names` that were given on the command line."""
+    wanted = set(names)
+    return {k: v for k, v in vars(args).items() if k in wanted and v is not None}
 
 
 def settings_from_args(cls: type[S], args: argparse.Namespace, parser: argparse.ArgumentParser) -> S:
     """Env + defaults, overridden by the flags that were given; invalid values -> parser.error (exit 2)."""
-    given = {k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None}
     try:
-        return cls(**given)
+        return cls(**given_flags(cls.flat_fields(), args))
     except ValidationError as e:
-        parser.error("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+        parser.error(validation_message(e))
+
+
+def group_from_args(group: type[G], args: argparse.Namespace) -> G:
+    """One group from its flags and its defaults (no environment). Raises ValidationError."""
+    return group(**given_flags(group.model_fields, args))
+
+
+def validation_message(e: ValidationError) -> str:
+    """One line per error, each named by the setting (its flat name: the flag's and the variable's)."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'][-1:]))}: {err['msg']}" for err in e.errors())
 
 
 def setup_logging(level: str = "INFO") -> None:

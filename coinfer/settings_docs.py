@@ -2,8 +2,9 @@
 from the flags: `python -m coinfer.settings_docs > docs/configuration.md` (`make docs`);
 tests/unit/test_docs.py fails when the committed file differs from a fresh rendering.
 
-Each field becomes one row: its flag and environment variable named the way coinfer.settings_cli
-names them for `--help`, its default and its description. The apps' classes are named here as
+Each settings group (coinfer.settings_groups) becomes a table under its title and purpose, each
+field one row: its flag and environment variable named the way coinfer.settings_cli names them for
+`--help`, its default and its description. The apps' classes are named here as
 "module:Class" strings, as pyproject.toml names console scripts, and imported only when the file is
 rendered: the shared package imports no app.
 """
@@ -14,7 +15,7 @@ import importlib
 import sys
 from collections.abc import Iterable
 
-from pydantic_settings import BaseSettings
+from coinfer.settings_groups import GroupedSettings, SettingsGroup
 
 # (command, "module:Class" of its settings): one table each, in this order
 APPS = (
@@ -30,8 +31,8 @@ edit by hand: change a field's description in its settings class and run `make d
 
 Every setting of `edge-server` and `device-agent` is a command-line flag and a `COINFER_`
 environment variable. Precedence: flag > environment variable > default. `--help` lists the same
-settings. Booleans take `true` / `false`; sizes are in bytes and times in seconds unless the name
-says otherwise (`_ms`).
+settings, in the same groups. Booleans take `true` / `false`; sizes are in bytes and times in
+seconds unless the name says otherwise (`_ms`).
 """
 
 # markdown table rows: one a line, however long (hence the noqa on the closing quotes)
@@ -46,7 +47,7 @@ APPENDIX = """\
 """  # noqa: E501
 
 
-def settings_class(spec: str) -> type[BaseSettings]:
+def settings_class(spec: str) -> type[GroupedSettings]:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -69,11 +70,13 @@ def format_default(name: str, value: object) -> str:
     return f"`{value}`"
 
 
-def rows(cls: type[BaseSettings]) -> list[tuple[str, str, str, str]]:
-    """(flag, environment variable, default, description) per field, in declaration order."""
+def rows(cls: type[GroupedSettings], group: type[SettingsGroup] | None = None) -> list[tuple[str, str, str, str]]:
+    """(flag, environment variable, default, description) per field, in declaration order: of one
+    group, or of every group."""
     prefix = cls.model_config.get("env_prefix", "")
+    fields = cls.flat_fields() if group is None else group.model_fields
     out = []
-    for name, field in cls.model_fields.items():
+    for name, field in fields.items():
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")
         out.append(
             (
@@ -86,18 +89,26 @@ def rows(cls: type[BaseSettings]) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def table(cls: type[BaseSettings]) -> str:
+def table(cls: type[GroupedSettings], group: type[SettingsGroup]) -> str:
     lines = ["| flag | environment variable | default | description |", "|---|---|---|---|"]
-    lines += [f"| `{flag}` | `{env}` | {default} | {text} |" for flag, env, default, text in rows(cls)]
+    lines += [f"| `{flag}` | `{env}` | {default} | {text} |" for flag, env, default, text in rows(cls, group)]
     return "\n".join(lines) + "\n"
 
 
-def render(apps: Iterable[tuple[str, type[BaseSettings]]]) -> str:
-    """The whole reference: one table per app, the variables both apps read, the appendix."""
+def app_section(command: str, cls: type[GroupedSettings]) -> str:
+    """One app: a table per group, under the group's title and purpose."""
+    parts = [f"## `{command}` ({cls.__module__}.{cls.__name__})\n"]
+    for group in cls.groups().values():
+        parts.append(f"### {command}: {group.title()}\n\n{group.purpose()}\n\n{table(cls, group)}")
+    return "\n".join(parts)
+
+
+def render(apps: Iterable[tuple[str, type[GroupedSettings]]]) -> str:
+    """The whole reference: one section per app, the variables both apps read, the appendix."""
     apps = list(apps)
     parts = [HEADER]
     for command, cls in apps:
-        parts.append(f"## `{command}` ({cls.__module__}.{cls.__name__})\n\n{table(cls)}")
+        parts.append(app_section(command, cls))
     envs = [{env for _, env, _, _ in rows(cls)} for _, cls in apps]
     shared = sorted(set.intersection(*envs)) if len(envs) > 1 else []
     if shared:

@@ -7,47 +7,52 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from coinfer.config_values import split_list
 from coinfer.lifecycle import run_until_signalled
 from coinfer.settings_cli import app_parser, parse_app_args
-from device_agent.config import AgentSettings
+from device_agent.config import AgentSettings, RuntimeSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from device_agent.head import HeadRunner
 
 log = logging.getLogger("coinfer.device")
 
 
-def build_app(settings: AgentSettings):
-    """Load the head and tokenizer, connect the edge pool (one address or several), return the FastAPI app."""
+def load_head(runtime: RuntimeSettings, slowdown: float = 1.0) -> HeadRunner:
+    """The device's layers as the runtime settings say. slowdown > 1 emulates a slower device, for
+    benchmarks only (benchmarks/emulated_device.py): no setting reaches it."""
     from coinfer import compute
-    from coinfer.model.tokenizer import Tokenizer
-    from device_agent.api.app import create_app
-    from device_agent.edge.client import EdgeAuth, EdgeError
-    from device_agent.edge.pool import EdgePool
-    from device_agent.generate import Engine
     from device_agent.head import HeadRunner
 
-    if settings.torch_threads:
-        compute.set_num_threads(settings.torch_threads)
+    if runtime.torch_threads:
+        compute.set_num_threads(runtime.torch_threads)
     head = HeadRunner(
-        settings.model_dir,
-        settings.max_device_layers,
-        settings.weights,
-        settings.device_slowdown,
-        compile_decode=settings.compile,
+        runtime.model_dir, runtime.max_device_layers, runtime.weights, slowdown, compile_decode=runtime.compile
     )
-    if settings.compile:
+    if runtime.compile:
         log.info("decode step compiled: %s", f"{head.compile_seconds:.1f} s" if head.model.compiled else "no (eager)")
+    return head
+
+
+def build_app(settings: AgentSettings, head: HeadRunner | None = None) -> FastAPI:
+    """Load the head (unless given) and tokenizer, connect the edge pool (one address or several),
+    return the FastAPI app."""
+    from coinfer.model.tokenizer import Tokenizer
+    from device_agent.api.app import create_app
+    from device_agent.edge.client import EdgeError
+    from device_agent.edge.pool import EdgePool
+    from device_agent.generate import Engine
+
+    if head is None:
+        head = load_head(settings.runtime)
     edge = None
-    if settings.edge:
-        auth = EdgeAuth(settings.edge_ca_file, settings.edge_cert_file, settings.edge_key_file, settings.edge_token)
-        edge = EdgePool(
-            split_list(settings.edge),
-            settings.connect_timeout_seconds,
-            settings.request_timeout_seconds,
-            settings.max_message_bytes,
-            auth=auth,
-        )
+    if settings.connection.edge:
+        edge = EdgePool.from_settings(settings.connection)
         if len(edge.clients) > 1:
             edge.rank()  # the nearest, least loaded edge serves first
         try:
@@ -58,9 +63,10 @@ def build_app(settings: AgentSettings):
                 )
         except EdgeError as e:
             log.warning("edge %s not reachable at start (%s); will retry per request", edge.address, e.code.name)
-    engine = Engine(settings, head, Tokenizer(settings.model_dir), edge)
+    model_dir = settings.runtime.model_dir
+    engine = Engine(settings, head, Tokenizer(model_dir), edge)
     engine.planner.start()  # polls the edge's load, probes the link when estimates go stale
-    return create_app(engine, settings.model_name or Path(settings.model_dir).resolve().name)
+    return create_app(engine, settings.api.model_name or Path(model_dir).resolve().name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,22 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_app_args(build_parser(), AgentSettings, argv)
+    return run(parse_app_args(build_parser(), AgentSettings, argv))
+
+
+def run(settings: AgentSettings, build: Callable[[AgentSettings], FastAPI] = build_app) -> int:
+    """Build the app with `build` and serve it until SIGTERM / SIGINT; 1 when it cannot be built."""
     import uvicorn
 
     try:
-        app = build_app(settings)
+        app = build(settings)
     except (OSError, ValueError) as e:
         print(f"device-agent: {e}", file=sys.stderr)
         return 1
+    api = settings.api
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
+        host=api.host,
+        port=api.port,
         log_level=logging.getLevelName(logging.getLogger().level).lower(),
         timeout_graceful_shutdown=10,
     )
-    return serve(uvicorn.Server(config), settings.host)
+    return serve(uvicorn.Server(config), api.host)
 
 
 def serve(server, host: str) -> int:

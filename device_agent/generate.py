@@ -46,10 +46,20 @@ class Engine:
         self.metrics = metrics or AgentMetrics()
         self.num_layers = head.cfg.num_layers
         self.context = head.cfg.max_position_embeddings
-        self.planner = planner or Planner(
-            settings, head.cost_profile(settings.profile_dir or None), edge, self.metrics, head.fingerprint
+        self.planner = planner or _planner(settings, head, edge, self.metrics)
+        self.remote = (
+            EdgeRunner(
+                settings.resilience,
+                settings.prefix,
+                settings.connection.max_message_bytes,
+                head,
+                edge,
+                self.planner,
+                self.metrics,
+            )
+            if edge is not None
+            else None
         )
-        self.remote = EdgeRunner(settings, head, edge, self.planner, self.metrics) if edge is not None else None
 
     def plan(
         self,
@@ -64,13 +74,18 @@ class Engine:
         try:
             p = self.planner.plan(prompt_tokens, max_tokens, codec, min_agreement, cached)
             return Route(
-                p.split, codec or (p.codec if p.codec not in wire.PSEUDO_CODECS else self.settings.codec), p.reason, p
+                p.split,
+                codec or (p.codec if p.codec not in wire.PSEUDO_CODECS else self.settings.routing.codec),
+                p.reason,
+                p,
             )
         except PlanError as e:
-            if self.edge is None or self.settings.min_device_layers > self.head.max_layers:
+            if self.edge is None or self.settings.planner.min_device_layers > self.head.max_layers:
                 raise RequestError(str(e), "no_feasible_split") from None
-        k = max(self.settings.min_device_layers, self.head.max_layers)  # edge unknown: lean on it least
-        return Route(k, codec or self.settings.codec, f"auto: edge not reachable for planning; trying split {k}")
+        k = max(self.settings.planner.min_device_layers, self.head.max_layers)  # edge unknown: lean on it least
+        return Route(
+            k, codec or self.settings.routing.codec, f"auto: edge not reachable for planning; trying split {k}"
+        )
 
     def resolve(
         self,
@@ -84,7 +99,7 @@ class Engine:
         """The route of a request; RequestError when it cannot be served."""
         if codec is not None and codec not in codecs.CODECS:
             raise RequestError(f"unknown codec {codec!r}; choose one of {', '.join(codecs.CODECS)}", "invalid_codec")
-        split = self.settings.split if split is None else split
+        split = self.settings.routing.split if split is None else split
         n = self.num_layers
         if split == "auto":
             route = self.plan(prompt_tokens, max_tokens, codec, min_agreement, prompt_ids)
@@ -95,7 +110,7 @@ class Engine:
                 raise RequestError(
                     f"split must be an integer 0..{n} or 'auto', got {split!r}", "invalid_split"
                 ) from None
-            route = Route(k, codec or self.settings.codec, "requested")
+            route = Route(k, codec or self.settings.routing.codec, "requested")
         k = route.split
         if not 0 <= k <= n:
             raise RequestError(f"split {k} is out of range 0..{n}", "invalid_split")
@@ -195,3 +210,20 @@ class Engine:
             return token, logprob
 
         yield from decode_loop(next_token, history, max_new, self._stop_ids(req))
+
+
+def _planner(settings: AgentSettings, head: HeadRunner, edge: EdgePool | None, metrics: AgentMetrics) -> Planner:
+    """The planner from its settings groups, the device's measured profile and the edge it polls."""
+    link = settings.connection
+    return Planner(
+        settings.planner,
+        settings.energy,
+        head.cost_profile(settings.runtime.profile_dir or None),
+        edge,
+        metrics,
+        head.fingerprint,
+        model_dir=settings.runtime.model_dir,
+        describe_interval=link.describe_interval_seconds,
+        link_max_age=link.link_max_age_seconds,
+        connect_timeout=link.connect_timeout_seconds,
+    )

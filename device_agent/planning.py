@@ -2,9 +2,12 @@
 
 `Planner` holds the device's cost profile (measured at start-up, cached), a `LinkEstimator`
 fed by every transfer, and what it last heard from the edge (its profile once, its load
-every `describe_interval_seconds`). A background thread polls the edge's load (each poll
+every `describe_interval` seconds). A background thread polls the edge's load (each poll
 is also an RTT sample) and probes the link when no transfer has taught it for a while and
 no request is running. `plan()` is then a pure function call over these numbers.
+
+It takes the planner and energy settings groups, which `coinfer plan` shares, so the what-if
+prices cuts as the agent does; of the edge connection only the few numbers it polls by.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from coinfer.config_values import split_list
 from coinfer.planning import partitioner as part
 from coinfer.planning.cost_profile import CostProfile
 from coinfer.planning.link import LinkEstimator, probe_plan
-from device_agent.config import AgentSettings
+from coinfer.planning.settings import EnergySettings, PlannerSettings, objective_of
 from device_agent.edge.client import EdgeError, Exchange
 from device_agent.edge.pool import EdgePool
 from device_agent.metrics import AgentMetrics
@@ -39,15 +42,31 @@ class EdgeLoad:
 class Planner:
     def __init__(
         self,
-        settings: AgentSettings,
+        settings: PlannerSettings,
+        energy: EnergySettings,
         device: CostProfile,
         edge: EdgePool | None,
         metrics: AgentMetrics | None = None,
         fingerprint: str = "",
+        *,
+        model_dir: str | None = None,
+        describe_interval: float = 2.0,
+        link_max_age: float = 30.0,
+        connect_timeout: float = 5.0,
     ) -> None:
-        self.settings, self.device, self.edge, self.fingerprint = settings, device, edge, fingerprint
+        """model_dir: where `coinfer calibrate` left the codecs' accuracy (None: no accuracy budget can
+        admit a lossy codec); describe_interval: seconds between polls of the edge's load;
+        link_max_age: probe the link when no transfer taught it for this long; connect_timeout: the
+        edge connection's, which also caps a refresh made for a plan."""
+        self.settings, self.energy, self.device, self.edge = settings, energy, device, edge
+        self.fingerprint = fingerprint
+        self.describe_interval, self.link_max_age, self.connect_timeout = (
+            describe_interval,
+            link_max_age,
+            connect_timeout,
+        )
         # accuracy of each lossy codec at each cut, calibrated into the model dir (coinfer calibrate)
-        table = codec_accuracy.load(settings.model_dir, fingerprint or None)
+        table = codec_accuracy.load(model_dir, fingerprint or None) if model_dir is not None else None
         self.agreement = table.agreements() if table else None
         self.metrics = metrics or AgentMetrics()
         self.link = LinkEstimator()
@@ -74,9 +93,9 @@ class Planner:
     def _loop(self) -> None:
         while True:
             self.refresh()
-            if self.reachable and self.active == 0 and self.link.stale(self.settings.link_max_age_seconds):
+            if self.reachable and self.active == 0 and self.link.stale(self.link_max_age):
                 self.probe()
-            if self._stop.wait(self.settings.describe_interval_seconds):
+            if self._stop.wait(self.describe_interval):
                 return
 
     def refresh(self, timeout: float | None = None) -> bool:
@@ -164,7 +183,7 @@ class Planner:
         if self.edge is None:
             return None
         if self.edge_profile is None or not self.reachable:
-            self.refresh(timeout=min(1.0, self.settings.connect_timeout_seconds))
+            self.refresh(timeout=min(1.0, self.connect_timeout))
         with self._lock:
             if self.edge_profile is None or not self.reachable:
                 return None
@@ -183,10 +202,7 @@ class Planner:
         )
 
     def objective(self) -> part.Objective:
-        s = self.settings
-        return part.Objective(
-            s.objective, s.energy_weight, s.compute_watts, s.idle_watts, s.tx_joules_per_byte, s.rx_joules_per_byte
-        )
+        return objective_of(self.settings, self.energy)
 
     def plan(
         self,

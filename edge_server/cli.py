@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal server
         server = EdgeServer(settings)
         server.start()
-        host = settings.host
+        host = settings.server.host
         return f"grpc={host}:{server.grpc_port} ops=http://{host}:{server.ops_port}"
 
     def stop() -> None:

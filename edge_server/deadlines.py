@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from edge_server.config import LimitsSettings
+
 log = logging.getLogger("coinfer.edge")
 
 
@@ -43,6 +45,10 @@ class StreamDeadlines:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stream-deadlines", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_settings(cls, limits: LimitsSettings) -> StreamDeadlines:
+        return cls(limits.first_message_seconds, limits.stream_idle_seconds)
 
     @contextmanager
     def watch(self, cancel: Callable[[], None]) -> Iterator[Watched]:

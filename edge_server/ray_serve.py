@@ -159,8 +159,8 @@ def parse_tokens(text: str) -> list[str]:
 
 def check_no_tls(settings: dict | EdgeSettings) -> None:
     """Ray's gRPC proxy serves plaintext only: a TLS setting here is refused, not silently ignored."""
-    get = settings.get if isinstance(settings, dict) else lambda k, d=None: getattr(settings, k, d)
-    given = [k for k in TLS_SETTINGS if get(k, "")]
+    flat = settings if isinstance(settings, dict) else settings.flat()
+    given = [k for k in TLS_SETTINGS if flat.get(k, "")]
     if given:
         raise ValueError(
             f"{', '.join(given)}: Ray Serve's gRPC proxy cannot terminate TLS (it binds a plaintext "
@@ -204,7 +204,7 @@ class EdgeReplica:
 
         self.settings = EdgeSettings(**(settings or {}))
         check_no_tls(self.settings)
-        tokens = parse_tokens(self.settings.auth_tokens)
+        tokens = parse_tokens(self.settings.security.auth_tokens)
         if auth_tokens_file:
             with open(auth_tokens_file, encoding="utf-8") as f:
                 listed = parse_tokens(f.read())
@@ -214,7 +214,7 @@ class EdgeReplica:
         self.auth = TokenCheck(tokens)
         self.service = build_service(self.settings)
         self.service.tokens_required = bool(tokens)
-        self._pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="session")
+        self._pool = ThreadPoolExecutor(max_workers=self.settings.server.workers, thread_name_prefix="session")
 
     async def Describe(self, request: pb.DescribeRequest, grpc_context=None) -> pb.DescribeResponse:
         self.auth.require(grpc_context)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Ray Serve is not installed: pip install 'coinfer[ray]'", file=sys.stderr)
         return 1
     # the driver's COINFER_* environment, resolved here: replicas start in Ray's worker processes
-    settings = EdgeSettings(**({"model_dir": a.model_dir} if a.model_dir else {})).model_dump()
+    settings = EdgeSettings(**({"model_dir": a.model_dir} if a.model_dir else {})).flat()
     try:
         check_no_tls(settings)
     except ValueError as e:

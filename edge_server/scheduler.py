@@ -28,6 +28,7 @@ import torch
 from coinfer import compute
 from coinfer.model.llama import ModelSlice
 from coinfer.model.sampling import sample_each
+from edge_server.config import BatchingSettings
 from edge_server.sessions import SessionStore
 from edge_server.tail import TailSession, Timings
 
@@ -77,6 +78,18 @@ class Scheduler:
         self._job_started = 0.0
         self._thread = threading.Thread(target=self._loop, name="edge-scheduler", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_settings(
+        cls,
+        model: ModelSlice,
+        store: SessionStore,
+        batching: BatchingSettings,
+        on_batch: Callable[[str, int, float, float], None] | None = None,
+    ) -> Scheduler:
+        return cls(
+            model, store, batching.max_batch, batching.batch_wait_ms / 1000, batching.prefill_chunk_tokens, on_batch
+        )
 
     # -- called from handler threads -------------------------------------------------------
     def prefill(self, s: TailSession, x: torch.Tensor) -> tuple[int, float, Timings]:

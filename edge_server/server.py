@@ -20,7 +20,7 @@ from coinfer.config_values import split_list
 from coinfer.v1 import edge_pb2, edge_pb2_grpc
 from edge_server import security
 from edge_server.api import create_ops_app
-from edge_server.config import EdgeSettings
+from edge_server.config import EdgeSettings, SecuritySettings, ServerSettings
 from edge_server.metrics import EdgeMetrics
 from edge_server.service import EdgeService
 from edge_server.tail import TailRunner
@@ -32,65 +32,71 @@ SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeInference"].full_name
 def build_service(settings: EdgeSettings) -> EdgeService:
     """The servicer with its model, sessions and scheduler (no server): EdgeServer and the Ray Serve
     replica (edge_server.ray_serve) both serve one."""
-    if settings.torch_threads:
-        compute.set_num_threads(settings.torch_threads)
+    rt = settings.runtime
+    if rt.torch_threads:
+        compute.set_num_threads(rt.torch_threads)
     runner = TailRunner(
-        settings.model_dir,
-        settings.min_split,
-        settings.max_frame_bytes,
-        settings.weights,
-        settings.profile_dir or None,
-        settings.profile,
-        settings.kv_chunk_tokens,
+        rt.model_dir,
+        rt.min_split,
+        settings.limits.max_frame_bytes,
+        rt.weights,
+        rt.profile_dir or None,
+        rt.profile,
+        settings.kv.kv_chunk_tokens,
     )
     return EdgeService(runner, settings, EdgeMetrics())
 
 
+def grpc_server(
+    service: EdgeService, health_servicer: health.HealthServicer, server: ServerSettings, sec: SecuritySettings
+) -> tuple[grpc.Server, int]:
+    """The gRPC server of `service`, with health and reflection, bound as the server and security
+    settings say; returns it and the port it got."""
+    tokens = split_list(sec.auth_tokens)
+    # maximum_concurrent_rpcs bounds the calls queued for a thread; Generate streams are capped
+    # below the thread count by the servicer (max_streams), so health and Describe always get one
+    srv = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=server.workers),
+        options=wire.server_options(server.max_message_bytes, server.max_connection_idle_seconds),
+        maximum_concurrent_rpcs=4 * server.workers,
+        interceptors=[security.TokenAuth(tokens)] if tokens else None,
+    )
+    edge_pb2_grpc.add_EdgeInferenceServicer_to_server(service, srv)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, srv)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), srv
+    )
+    bind = f"{server.host}:{server.grpc_port}"
+    if bool(sec.tls_cert_file) != bool(sec.tls_key_file) or (sec.tls_client_ca_file and not sec.tls_cert_file):
+        raise ValueError("TLS needs tls_cert_file and tls_key_file together (and both for tls_client_ca_file)")
+    if sec.tls_cert_file:
+        creds = security.server_credentials(sec.tls_cert_file, sec.tls_key_file, sec.tls_client_ca_file)
+        port = srv.add_secure_port(bind, creds)
+    else:
+        port = srv.add_insecure_port(bind)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {bind}")
+    return srv, port
+
+
 class EdgeServer:
     def __init__(self, settings: EdgeSettings) -> None:
-        self.settings = settings
+        self.settings, server = settings, settings.server
         self.service = build_service(settings)
         self.health = health.HealthServicer()
-        tokens = split_list(settings.auth_tokens)
+        tokens = split_list(settings.security.auth_tokens)
         self.service.tokens_required = bool(tokens)
         if any(t.startswith("dev-only") for t in tokens):
             log.warning(
                 "auth_tokens include the public dev-only tokens of docker-compose.yml: for local "
                 "try-outs only (set COINFER_AGENT_TOKEN and friends, see deploy/compose.env.example)"
             )
-        # maximum_concurrent_rpcs bounds the calls queued for a thread; Generate streams are capped
-        # below the thread count by the servicer (max_streams), so health and Describe always get one
-        self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.workers),
-            options=wire.server_options(settings.max_message_bytes, settings.max_connection_idle_seconds),
-            maximum_concurrent_rpcs=4 * settings.workers,
-            interceptors=[security.TokenAuth(tokens)] if tokens else None,
-        )
-        edge_pb2_grpc.add_EdgeInferenceServicer_to_server(self.service, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc,
-        )
-        bind = f"{settings.host}:{settings.grpc_port}"
-        if bool(settings.tls_cert_file) != bool(settings.tls_key_file) or (
-            settings.tls_client_ca_file and not settings.tls_cert_file
-        ):
-            raise ValueError("TLS needs tls_cert_file and tls_key_file together (and both for tls_client_ca_file)")
-        if settings.tls_cert_file:
-            creds = security.server_credentials(
-                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
-            )
-            self.grpc_port = self.grpc.add_secure_port(bind, creds)
-        else:
-            self.grpc_port = self.grpc.add_insecure_port(bind)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
+        self.grpc, self.grpc_port = grpc_server(self.service, self.health, server, settings.security)
         self._ops = uvicorn.Server(
             uvicorn.Config(
-                create_ops_app(self.service, tokens if settings.ops_auth else []),
-                host=settings.host,
-                port=settings.ops_port,
+                create_ops_app(self.service, tokens if settings.security.ops_auth else []),
+                host=server.host,
+                port=server.ops_port,
                 log_level="warning",
                 lifespan="off",
             )
@@ -107,14 +113,15 @@ class EdgeServer:
         while not self._ops.started and self._ops_thread.is_alive():
             threading.Event().wait(0.02)
         if not self._ops.started:
-            raise OSError(f"ops HTTP server failed to start on {self.settings.host}:{self.settings.ops_port}")
+            server = self.settings.server
+            raise OSError(f"ops HTTP server failed to start on {server.host}:{server.ops_port}")
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "edge ready: gRPC %s:%d, ops http://%s:%d, layers [%d, %d), fingerprint %s",
-            self.settings.host,
+            self.settings.server.host,
             self.grpc_port,
-            self.settings.host,
+            self.settings.server.host,
             self.ops_port,
             self.service.runner.min_split,
             self.service.runner.cfg.num_layers,
@@ -122,7 +129,7 @@ class EdgeServer:
         )
 
     def stop(self, grace: float | None = None) -> None:
-        grace = self.settings.grace_seconds if grace is None else grace
+        grace = self.settings.server.grace_seconds if grace is None else grace
         log.info("edge draining (grace %.1f s)", grace)
         self.service.draining.set()
         self.health.enter_graceful_shutdown()

@@ -81,34 +81,24 @@ def _canceller(context):
 class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
     def __init__(self, runner: TailRunner, settings: EdgeSettings, metrics: EdgeMetrics) -> None:
         self.runner, self.settings, self.metrics = runner, settings, metrics
-        self.sessions = SessionStore(
-            settings.max_sessions,
-            settings.kv_budget_bytes,
-            settings.idle_timeout_seconds,
-            settings.keep_seconds,
-            settings.max_sessions_per_client,
-        )
-        self.scheduler = Scheduler(
-            runner.model,
-            self.sessions,
-            settings.max_batch,
-            settings.batch_wait_ms / 1000,
-            settings.prefill_chunk_tokens,
-            on_batch=self._on_batch,
-        )
+        limits = settings.limits
+        self.sessions = SessionStore.from_settings(limits, settings.kv)
+        self.scheduler = Scheduler.from_settings(runner.model, self.sessions, settings.batching, self._on_batch)
         ctx = runner.cfg.max_position_embeddings
         self.draining = threading.Event()
         self.edge = Edge(
             runner,
             self.sessions,
             self.scheduler,
-            settings,
+            limits,
+            settings.kv.prefix_reuse,
+            settings.server.max_message_bytes,
             metrics,
             self.draining,
-            max_context=min(settings.max_context_tokens or ctx, ctx),
+            max_context=min(limits.max_context_tokens or ctx, ctx),
         )
         self.tokens_required = False  # set by whoever installs the token check: then a bearer is an identity
-        self.deadlines = StreamDeadlines(settings.first_message_seconds, settings.stream_idle_seconds)
+        self.deadlines = StreamDeadlines.from_settings(limits)
         self._streams: Counter[str] = Counter()  # Generate handlers running, per client identity
         self._streams_lock = threading.Lock()
         metrics.watch(self.sessions)
@@ -154,7 +144,8 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         """An echo for link measurements; the reply is capped (max_probe_bytes) so a flood of probes
         asking for the message limit cannot turn the edge into an amplifier."""
         t0 = time.perf_counter()
-        n = min(request.reply_bytes, self.settings.max_probe_bytes, self.settings.max_message_bytes - 64)
+        s = self.settings
+        n = min(request.reply_bytes, s.limits.max_probe_bytes, s.server.max_message_bytes - 64)
         self.metrics.probe_bytes.inc(n)
         return pb.ProbeResponse(payload=bytes(n), edge_seconds=time.perf_counter() - t0)
 
@@ -209,10 +200,10 @@ class EdgeService(edge_pb2_grpc.EdgeInferenceServicer):
         """Admit a Generate stream, or refuse it at once: streams beyond max_streams would take the
         worker threads that health checks, Describe and Probe need, and one client beyond
         max_streams_per_client would take the other clients' streams."""
-        per_client = self.settings.max_streams_per_client
+        per_client = self.settings.limits.max_streams_per_client
         with self._streams_lock:
             total = sum(self._streams.values())
-            if total >= self.settings.max_streams:
+            if total >= self.settings.limits.max_streams:
                 why = f"edge has {total} streams open (max_streams)"
             elif per_client and self._streams[owner] >= per_client:
                 why = f"this client has {per_client} streams open (max_streams_per_client)"

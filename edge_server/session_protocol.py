@@ -32,7 +32,7 @@ from coinfer.model.generation import finish_reason
 from coinfer.model.sampling import SamplingParams
 from coinfer.prefix import BLOCK, DIGEST, PrefixChain, seed
 from coinfer.v1 import edge_pb2 as pb
-from edge_server.config import EdgeSettings
+from edge_server.config import LimitsSettings
 from edge_server.deadlines import StreamDeadlines, Watched
 from edge_server.errors import Abort, BadInput
 from edge_server.metrics import EdgeMetrics
@@ -95,18 +95,20 @@ class Edge:
     runner: TailRunner
     sessions: SessionStore
     scheduler: Scheduler
-    settings: EdgeSettings
+    session_limits: LimitsSettings
+    prefix_reuse: bool  # finished sessions' caches are kept for the next turn's prefix
+    max_message_bytes: int  # the gRPC server's
     metrics: EdgeMetrics
     draining: threading.Event
     max_context: int  # positions a session may reach: the model's and the settings' limit
 
     def limits(self) -> pb.Limits:
-        s = self.settings
+        s = self.session_limits
         return pb.Limits(
             max_sessions=s.max_sessions,
             max_context_tokens=self.max_context,
             max_new_tokens=s.max_new_tokens,
-            max_message_bytes=s.max_message_bytes,
+            max_message_bytes=self.max_message_bytes,
             max_frame_bytes=s.max_frame_bytes,
         )
 
@@ -156,8 +158,9 @@ class SessionProtocol:
             )
         if not 0 < len(op.session_id) <= wire.MAX_SESSION_ID_CHARS:
             raise BadInput(f"session_id must be 1..{wire.MAX_SESSION_ID_CHARS} characters")
-        if not 1 <= op.max_new_tokens <= edge.settings.max_new_tokens:
-            raise BadInput(f"max_new_tokens must be in 1..{edge.settings.max_new_tokens}, got {op.max_new_tokens}")
+        most = edge.session_limits.max_new_tokens
+        if not 1 <= op.max_new_tokens <= most:
+            raise BadInput(f"max_new_tokens must be in 1..{most}, got {op.max_new_tokens}")
         if op.resume_tokens >= edge.max_context:
             raise BadInput(f"resume_tokens {op.resume_tokens} is beyond the context limit of {edge.max_context} tokens")
         if len(op.stop_ids) > wire.MAX_STOP_IDS or any(t >= cfg.vocab_size for t in op.stop_ids):
@@ -230,7 +233,7 @@ class SessionProtocol:
             raise
         finally:
             edge.scheduler.finished(s)
-            if keep and edge.settings.prefix_reuse:
+            if keep and edge.prefix_reuse:
                 edge.sessions.keep(s)
 
     def _resume(self, s: TailSession, op: pb.Open) -> int:
@@ -251,7 +254,7 @@ class SessionProtocol:
 
     def _claim(self, s: TailSession, op: pb.Open) -> int:
         """Positions of a kept cache this session starts from (0 when reuse is off or nothing matches)."""
-        if not (self.edge.settings.prefix_reuse and op.prefix_hashes):
+        if not (self.edge.prefix_reuse and op.prefix_hashes):
             return 0
         return self.edge.sessions.claim(s, list(zip(op.prefix_hashes, op.prefix_lengths, strict=True)))
 
@@ -354,7 +357,7 @@ class SessionProtocol:
         return token, logprob, t
 
     def _finish(self, s: TailSession, finish: pb.FinishReason) -> Iterator[pb.EdgeMessage]:
-        if self.edge.settings.prefix_reuse:
+        if self.edge.prefix_reuse:
             self.edge.sessions.keep(s)  # before Done: the device's next turn may open right after it
         yield pb.EdgeMessage(
             done=pb.Done(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from coinfer.model.kv_cache import KVCache
 from coinfer.prefix import BLOCK, PrefixChain
+from edge_server.config import KVSettings, LimitsSettings
 from edge_server.tail import TailSession
 
 
@@ -87,6 +88,16 @@ class SessionStore:
         self._bytes = self.peak_bytes = 0
         self.stats = StoreStats()
         self._lock = threading.RLock()
+
+    @classmethod
+    def from_settings(cls, limits: LimitsSettings, kv: KVSettings) -> SessionStore:
+        return cls(
+            limits.max_sessions,
+            kv.kv_budget_bytes,
+            kv.idle_timeout_seconds,
+            kv.keep_seconds,
+            limits.max_sessions_per_client,
+        )
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -130,8 +130,12 @@ def start_agent(
     env: dict | None = None,
     echo: bool = False,
     timeout: float = 120.0,
+    program: Sequence[str] = (),
 ) -> Proc:
-    argv = _bin("device-agent") + [
+    """program: the command that runs the agent, when not `device-agent` itself (a benchmark's
+    emulated device); it must take the agent's flags."""
+    argv = [
+        *(program or _bin("device-agent")),
         "--model-dir",
         str(model_dir),
         "--edge",

@@ -1,7 +1,9 @@
 """`coinfer plan`: what would the partitioner choose on a given link? Offline, with a table and a PNG.
 
 The device profile is this host's (measured once, cached), optionally slowed down; the
-edge profile is fetched from a running edge (`--edge`) or assumed to be this host's too.
+edge profile is fetched from a running edge (`--edge`) or assumed to be this host's too. The planner
+and energy flags are the device agent's own (generated from the same settings groups), read from
+the command line only: a what-if does not take the environment's word for them.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ import argparse
 import json
 import sys
 
+from pydantic import ValidationError
+
 from coinfer.config_values import split_list
 from coinfer.planning import partitioner as part
 from coinfer.planning.cost_profile import CostProfile
+from coinfer.planning.settings import EnergySettings, PlannerSettings, objective_of
+from coinfer.settings_cli import add_group_flags, group_from_args, validation_message
 from coinfer.tools.shaper import parse_duration, parse_rate
 
 
@@ -31,22 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", default="fp32", choices=("fp32", "bf16", "int8", "int4"), help="device weight precision"
     )
     ap.add_argument("--max-device-layers", type=int, default=-1, help="layers the device holds (-1 = all)")
-    ap.add_argument("--min-device-layers", type=int, default=0, help="privacy floor")
-    ap.add_argument("--codecs", default="f16", help="codecs allowed, comma-separated (default f16)")
-    ap.add_argument(
-        "--min-agreement",
-        type=float,
-        default=0.0,
-        help="accuracy budget: lossy codecs only at cuts where the model dir's calibrated table "
-        "(coinfer calibrate) gives at least this greedy agreement (default 0: none)",
-    )
-    ap.add_argument("--objective", default="latency", choices=part.OBJECTIVES)
     ap.add_argument("--device-slowdown", type=float, default=1.0, help="emulate a device this many times slower")
     ap.add_argument("--edge", default="", help="host:port of a running edge to take its profile and load from")
     ap.add_argument("--edge-queue", default="0ms", help="edge wait per work item when --edge is not given")
     ap.add_argument("--profile-dir", default=DEFAULT_PROFILE_DIR, help="cost profile cache dir")
     ap.add_argument("--png", default="", help="write a plot of predicted latency per split here")
     ap.add_argument("--json", default="", help="write the plan and every candidate here")
+    planner = add_group_flags(ap, PlannerSettings, env_prefix=None)
+    planner.add_argument("--codecs", dest="plan_codecs", default=None, help="the same as --plan-codecs")
+    add_group_flags(ap, EnergySettings, env_prefix=None)
     return ap
 
 
@@ -87,14 +86,16 @@ def edge_view(address: str, timeout: float = 5.0) -> part.EdgeView:
     return part.EdgeView(profile.from_pb(reply.profile), reply.load.queue_seconds)
 
 
-def _constraints(a: argparse.Namespace) -> part.Constraints:
+def _constraints(planner: PlannerSettings, model_dir: str) -> part.Constraints:
     from coinfer import codec_accuracy
 
-    if not 0.0 <= a.min_agreement <= 1.0:
-        raise ValueError(f"--min-agreement must be in [0, 1], got {a.min_agreement}")
-    table = codec_accuracy.load(a.model) if a.min_agreement > 0 else None
+    table = codec_accuracy.load(model_dir) if planner.min_agreement > 0 else None
     return part.Constraints(
-        a.min_device_layers, None, tuple(split_list(a.codecs)), a.min_agreement, table.agreements() if table else None
+        planner.min_device_layers,
+        None,
+        tuple(split_list(planner.plan_codecs)),
+        planner.min_agreement,
+        table.agreements() if table else None,
     )
 
 
@@ -132,6 +133,11 @@ def plot(plan: part.Plan, path: str, title: str) -> None:
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     try:
+        planner, energy = group_from_args(PlannerSettings, a), group_from_args(EnergySettings, a)
+    except ValidationError as e:
+        print(f"coinfer plan: {validation_message(e)}", file=sys.stderr)
+        return 2
+    try:
         up = parse_rate(a.bandwidth) / 8
         down = parse_rate(a.down_bandwidth) / 8 if a.down_bandwidth else up
         if up <= 0 or down <= 0:
@@ -139,7 +145,13 @@ def main(argv: list[str]) -> int:
         link = part.LinkEstimate(up, down, parse_duration(a.rtt))
         device, edge = _profiles(a)
         plan = part.plan(
-            device, edge, link, a.prompt_tokens, a.max_tokens, _constraints(a), part.Objective(a.objective)
+            device,
+            edge,
+            link,
+            a.prompt_tokens,
+            a.max_tokens,
+            _constraints(planner, a.model),
+            objective_of(planner, energy),
         )
     except (ValueError, OSError) as e:
         print(f"coinfer plan: {e}", file=sys.stderr)
@@ -148,7 +160,7 @@ def main(argv: list[str]) -> int:
     print(plan.reason)
     title = (
         f"{a.bandwidth} up, RTT {a.rtt}, {a.prompt_tokens} prompt + {a.max_tokens} new tokens, "
-        f"device x{a.device_slowdown:g}, floor {a.min_device_layers}"
+        f"device x{a.device_slowdown:g}, floor {planner.min_device_layers}"
     )
     if a.png:
         plot(plan, a.png, title)

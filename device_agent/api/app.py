@@ -41,7 +41,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def require_api_key(request: Request) -> None:
     """With --api-key set, every /v1 call needs `Authorization: Bearer <key>` (as OpenAI clients send it)."""
-    key = request.app.state.logic.engine.settings.api_key
+    key = request.app.state.logic.engine.settings.api.api_key
     if not key:
         return
     given = request.headers.get("authorization", "")
@@ -69,7 +69,7 @@ def _thread_pool(threads: int) -> Callable[[FastAPI], AbstractAsyncContextManage
 
 
 def create_app(engine: Engine, model_name: str) -> FastAPI:
-    settings = engine.settings
+    settings = engine.settings.api
     threads = max(40, settings.max_concurrent_requests + SPARE_THREADS)
     app = FastAPI(
         title="coinfer device agent", version="1", docs_url="/docs", redoc_url=None, lifespan=_thread_pool(threads)

@@ -116,7 +116,7 @@ class ServingLogic:
     def __init__(self, engine: Engine, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
         self.created = int(time.time())
-        self.slots = GenerationSlots(engine.settings.max_concurrent_requests)
+        self.slots = GenerationSlots(engine.settings.api.max_concurrent_requests)
 
     # -- requests --------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -154,7 +154,7 @@ class ServingLogic:
             log.warning("chat template failed on a request", exc_info=True)
             raise APIError(400, "cannot apply the chat template to these messages", param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return self._request(body, ids, max_tokens, self.engine.settings.default_max_tokens)
+        return self._request(body, ids, max_tokens, self.engine.settings.api.default_max_tokens)
 
     def completion_request(self, body: p.CompletionRequest) -> GenerationRequest:
         self._check_model(body.model)

@@ -14,6 +14,7 @@ import grpc
 from coinfer import wire
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
+from device_agent.config import ConnectionSettings
 from device_agent.edge.retry_policy import RETRYABLE
 
 STREAM_BROKEN = "Stream removed"  # grpc-core's details for a stream reset below the gRPC layer
@@ -91,6 +92,10 @@ class EdgeAuth:
     cert_file: str = ""
     key_file: str = ""
     token: str = ""
+
+    @classmethod
+    def from_settings(cls, conn: ConnectionSettings) -> EdgeAuth:
+        return cls(conn.edge_ca_file, conn.edge_cert_file, conn.edge_key_file, conn.edge_token)
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not self.ca_file:

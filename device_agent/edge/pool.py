@@ -18,7 +18,9 @@ import time
 
 import grpc
 
+from coinfer.config_values import split_list
 from coinfer.v1 import edge_pb2 as pb
+from device_agent.config import ConnectionSettings
 from device_agent.edge.client import EdgeAuth, EdgeClient, EdgeError, EdgeStream, Exchange
 from device_agent.edge.retry_policy import FAILOVER
 
@@ -46,6 +48,18 @@ class EdgePool:
         self._active = 0
         self.generation = 0  # bumped whenever another edge becomes active
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, conn: ConnectionSettings) -> EdgePool:
+        """The pool of the edges the connection settings name (one address or several), with their
+        TLS and token."""
+        return cls(
+            split_list(conn.edge),
+            conn.connect_timeout_seconds,
+            conn.request_timeout_seconds,
+            conn.max_message_bytes,
+            auth=EdgeAuth.from_settings(conn),
+        )
 
     # -- the EdgeClient interface --------------------------------------------------------------
     @property

@@ -29,7 +29,7 @@ from coinfer import prefix
 from coinfer.model.kv_cache import KVCache
 from coinfer.model.llama import ModelSlice
 from coinfer.v1 import edge_pb2 as pb
-from device_agent.config import AgentSettings
+from device_agent.config import PrefixSettings, ResilienceSettings
 from device_agent.edge.client import EdgeError, EdgeStream, Exchange, MessageTooLarge
 from device_agent.edge.head_caches import HeadCacheStore
 from device_agent.edge.pool import EdgePool
@@ -55,10 +55,20 @@ class Ticket:
 
 class EdgeRunner:
     def __init__(
-        self, settings: AgentSettings, head: HeadRunner, edge: EdgePool, planner: Planner, metrics: AgentMetrics
+        self,
+        resilience: ResilienceSettings,
+        prefix: PrefixSettings,
+        max_message_bytes: int,
+        head: HeadRunner,
+        edge: EdgePool,
+        planner: Planner,
+        metrics: AgentMetrics,
     ) -> None:
-        self.settings, self.head, self.edge, self.planner, self.metrics = settings, head, edge, planner, metrics
-        self.head_caches = HeadCacheStore(settings.prefix_cache_bytes) if settings.prefix_reuse else None
+        """max_message_bytes: the device's gRPC message limit (its edge connection's), which a Prefill
+        must fit along with the edge's own."""
+        self.resilience, self.max_message_bytes = resilience, max_message_bytes
+        self.head, self.edge, self.planner, self.metrics = head, edge, planner, metrics
+        self.head_caches = HeadCacheStore(prefix.prefix_cache_bytes) if prefix.prefix_reuse else None
 
     def reusable(self, prompt_ids: list[int]) -> dict[int, int]:
         """Per split, prompt positions the edge probably still holds (what earlier sessions left)."""
@@ -99,8 +109,8 @@ class EdgeRunner:
         return AttemptState(
             pool_size=len(self.edge.clients),
             holds_all_layers=self.head.holds_all_layers,
-            replays_allowed=self.settings.replays,
-            busy_wait_seconds=self.settings.busy_wait_seconds,
+            replays_allowed=self.resilience.replays,
+            busy_wait_seconds=self.resilience.busy_wait_seconds,
         )
 
     def _recover(
@@ -249,7 +259,7 @@ class EdgeRunner:
     def _message_limit(self, opened: pb.Opened) -> int:
         """The largest message both ends accept: ours and the edge's (0 = not told)."""
         edge = opened.limits.max_message_bytes
-        return min(self.settings.max_message_bytes, edge) if edge else self.settings.max_message_bytes
+        return min(self.max_message_bytes, edge) if edge else self.max_message_bytes
 
     def _opened(self, stats: RunStats, replica: str, resume: bool, held: int) -> None:
         """Count what a new stream got: a resume, or cached prefix positions."""

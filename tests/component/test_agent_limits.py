@@ -83,14 +83,18 @@ def serve(app) -> Iterator[int]:
         thread.join(15)
 
 
-def send_raw(port: int, path: str, body: dict | None = None, headers: str = "", length: int | None = None
-             ) -> socket.socket:
+def send_raw(
+    port: int, path: str, body: dict | None = None, headers: str = "", length: int | None = None
+) -> socket.socket:
     """A request written on its own socket, not waiting for the answer (read it with `status_of`)."""
     data = json.dumps(body).encode() if body is not None else b""
     length = len(data) if length is None else length
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {length}\r\n{headers}\r\n".encode() + data)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n{headers}\r\n".encode()
+        + data
+    )
     return sock
 
 
@@ -133,6 +137,7 @@ def test_declared_body_over_the_limit_is_413_before_it_is_sent(engine):
 
 def test_chunked_body_over_the_limit_is_413(engine):
     with TestClient(make_app(engine, max_request_bytes=4096)) as c:
+
         def chunks():
             for _ in range(8):
                 yield b" " * 1024
@@ -142,8 +147,9 @@ def test_chunked_body_over_the_limit_is_413(engine):
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
         small = json.dumps(completion(2)).encode() + b" " * 3000  # under the limit: read whole and served
         assert len(small) < 4096
-        r = c.post("/v1/completions", content=iter([small[:700], small[700:]]),
-                   headers={"Content-Type": "application/json"})
+        r = c.post(
+            "/v1/completions", content=iter([small[:700], small[700:]]), headers={"Content-Type": "application/json"}
+        )
         assert r.status_code == 200, r.text
 
 
@@ -208,8 +214,10 @@ def test_non_streamed_generation_stops_when_its_client_disconnects(engine, gate)
         sock.shutdown(socket.SHUT_RDWR)
         sock.close()
         g.opened.set()
-        wait_for(lambda: sample(engine, "coinfer_requests_total", route="/v1/completions", status="499") > gone0,
-                 what="the request to end as 499 (client closed)")
+        wait_for(
+            lambda: sample(engine, "coinfer_requests_total", route="/v1/completions", status="499") > gone0,
+            what="the request to end as 499 (client closed)",
+        )
         assert sample(engine, "coinfer_active_requests") == 0  # the engine's iterator was closed
         assert sample(engine, "coinfer_generated_tokens_total", split_kind="device") - tokens0 < 200
         assert app.state.logic.slots.active == 0
@@ -221,8 +229,10 @@ SECRET = "/srv/secret/token=hunter2"
 
 def test_internal_error_body_has_a_request_id_not_the_exception_text(engine, monkeypatch, caplog):
     monkeypatch.setattr(engine.tokenizer, "encode", raising(RuntimeError(f"cannot open {SECRET}")))
-    with TestClient(make_app(engine), raise_server_exceptions=False) as c, \
-            caplog.at_level(logging.ERROR, logger="coinfer.device"):
+    with (
+        TestClient(make_app(engine), raise_server_exceptions=False) as c,
+        caplog.at_level(logging.ERROR, logger="coinfer.device"),
+    ):
         r = c.post("/v1/completions", json=completion())
     assert r.status_code == 500
     err = r.json()["error"]
@@ -246,8 +256,9 @@ def test_chat_template_failures_echo_only_the_templates_own_message(engine, monk
         monkeypatch.setattr(engine.tokenizer, "encode_chat", raising(TypeError(f"bad {SECRET}")))
         r = c.post("/v1/chat/completions", json=chat)
         assert r.status_code == 400 and SECRET not in r.text and r.json()["error"]["param"] == "messages"
-        monkeypatch.setattr(engine.tokenizer, "encode_chat",
-                            raising(jinja2.TemplateError("roles must alternate user/assistant")))
+        monkeypatch.setattr(
+            engine.tokenizer, "encode_chat", raising(jinja2.TemplateError("roles must alternate user/assistant"))
+        )
         r = c.post("/v1/chat/completions", json=chat)
         assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"]
 

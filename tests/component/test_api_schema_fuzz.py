@@ -19,12 +19,18 @@ def test_no_generated_request_gets_a_server_error(tiny_dir):
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         operations = [op.ok() for op in schema.get_all_operations()]
         assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
-            "POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /v1/plan"}
+            "POST /v1/chat/completions",
+            "POST /v1/completions",
+            "GET /v1/models",
+            "GET /v1/plan",
+        }
         name = app.state.logic.model_name
         for op in operations:
+
             @given(case=op.as_strategy())
-            @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None,
-                      derandomize=True)  # the same cases every run: CI must not flake
+            @settings(
+                max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
+            )  # the same cases every run: CI must not flake
             def no_5xx(case):
                 if isinstance(case.body, dict) and "model" in case.body and len(repr(case.body)) % 2:
                     case.body["model"] = name  # half the requests get past the model check into generation

@@ -30,8 +30,11 @@ def test_ray_replica_refuses_calls_without_a_known_token_before_the_servicer_run
         return [m async for m in replica.Generate(stream(3), ctx)]
 
     async def main():
-        for call in (lambda c: replica.Describe(pb.DescribeRequest(), grpc_context=c),
-                     lambda c: replica.Probe(pb.ProbeRequest(), grpc_context=c), generate):
+        for call in (
+            lambda c: replica.Describe(pb.DescribeRequest(), grpc_context=c),
+            lambda c: replica.Probe(pb.ProbeRequest(), grpc_context=c),
+            generate,
+        ):
             for ctx in (FakeRayContext(), FakeRayContext(bearer("wrong"))):
                 with pytest.raises(ray_serve.StreamAborted):
                     await call(ctx)

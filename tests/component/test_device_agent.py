@@ -29,8 +29,12 @@ def client(tiny_dirs, edge):
 
 
 def chat(**kw) -> dict:
-    body = {"model": "tiny-llama0", "messages": [{"role": "user", "content": "w1 w2 w3"}], "temperature": 0,
-            "max_tokens": 8}
+    body = {
+        "model": "tiny-llama0",
+        "messages": [{"role": "user", "content": "w1 w2 w3"}],
+        "temperature": 0,
+        "max_tokens": 8,
+    }
     body.update(kw)
     return body
 
@@ -46,8 +50,17 @@ def model_name(client) -> str:
 
 @pytest.mark.parametrize("k", range(N + 1))
 def test_completion_greedy_equals_unsplit_at_every_split(client, tiny_dirs, model_name, k):
-    r = client.post("/v1/completions", json={"model": model_name, "prompt": "w1 w5 w9 w30", "max_tokens": 12,
-                                             "temperature": 0, "split": k, "codec": "f32"})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": model_name,
+            "prompt": "w1 w5 w9 w30",
+            "max_tokens": 12,
+            "temperature": 0,
+            "split": k,
+            "codec": "f32",
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     tok = client.app.state.logic.engine.tokenizer
@@ -72,8 +85,9 @@ def test_chat_non_streamed_and_streamed_agree(client, model_name):
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert body["coinfer"]["split"] == 3 and body["coinfer"]["codec"] == "f32"
 
-    with client.stream("POST", "/v1/chat/completions",
-                       json=chat(model=model_name, stream=True, stream_options={"include_usage": True})) as s:
+    with client.stream(
+        "POST", "/v1/chat/completions", json=chat(model=model_name, stream=True, stream_options={"include_usage": True})
+    ) as s:
         assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -87,8 +101,11 @@ def test_chat_non_streamed_and_streamed_agree(client, model_name):
 
 
 def test_completion_stream(client, model_name):
-    with client.stream("POST", "/v1/completions", json={"model": model_name, "prompt": "w1 w2", "max_tokens": 5,
-                                                        "stream": True, "split": 0}) as s:
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": model_name, "prompt": "w1 w2", "max_tokens": 5, "stream": True, "split": 0},
+    ) as s:
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
@@ -96,12 +113,15 @@ def test_completion_stream(client, model_name):
 
 def test_prompt_as_token_ids_and_stop_string(client, tiny_dir, model_name):
     ids = [5, 6, 7]
-    full = client.post("/v1/completions", json={"model": model_name, "prompt": ids, "max_tokens": 6,
-                                                "temperature": 0}).json()["choices"][0]["text"]
+    full = client.post(
+        "/v1/completions", json={"model": model_name, "prompt": ids, "max_tokens": 6, "temperature": 0}
+    ).json()["choices"][0]["text"]
     words = full.split()
     assert len(words) >= 2
-    cut = client.post("/v1/completions", json={"model": model_name, "prompt": ids, "max_tokens": 6, "temperature": 0,
-                                               "stop": [" " + words[1]]}).json()
+    cut = client.post(
+        "/v1/completions",
+        json={"model": model_name, "prompt": ids, "max_tokens": 6, "temperature": 0, "stop": [" " + words[1]]},
+    ).json()
     assert cut["choices"][0]["text"] == words[0] and cut["choices"][0]["finish_reason"] == "stop"
 
 
@@ -125,8 +145,12 @@ BAD = {
     "too many stops": ("/v1/completions", {"model": "M", "prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}, 400),
 }
 
-CODES = {"over context": "context_length_exceeded", "max_tokens over context": "context_length_exceeded",
-         "split out of range": "invalid_split", "unknown codec": "invalid_codec"}
+CODES = {
+    "over context": "context_length_exceeded",
+    "max_tokens over context": "context_length_exceeded",
+    "split out of range": "invalid_split",
+    "unknown codec": "invalid_codec",
+}
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -152,8 +176,11 @@ def test_resolve_returns_a_route_and_coded_errors(client):
     assert engine.resolve(None, "f16") == Route(3, "f16", "requested", None)
     auto = engine.resolve("auto", None, 3, 6)
     assert 0 <= auto.split <= N and auto.plan is not None and auto.reason == auto.plan.reason
-    for split, codec, code in ((N + 1, None, "invalid_split"), ("x", None, "invalid_split"),
-                               (3, "zip", "invalid_codec")):
+    for split, codec, code in (
+        (N + 1, None, "invalid_split"),
+        ("x", None, "invalid_split"),
+        (3, "zip", "invalid_codec"),
+    ):
         with pytest.raises(RequestError) as e:
             engine.resolve(split, codec)
         assert e.value.code == code
@@ -162,11 +189,34 @@ def test_resolve_returns_a_route_and_coded_errors(client):
     assert e.value.code == "empty_prompt"
 
 
-COINFER_KEYS = {"split", "codec", "split_reason", "device_weights", "bytes_up", "bytes_down", "prefill_bytes_up",
-                "step_bytes_up", "messages_up", "messages_down", "cached_tokens", "replays", "resumes",
-                "edge_replica", "busy_retries", "local_fallback", "timings"}
-TIMING_KEYS = {"ttft_seconds", "total_seconds", "device_compute_seconds", "edge_compute_seconds",
-               "edge_queue_seconds", "edge_decode_seconds", "network_seconds"}
+COINFER_KEYS = {
+    "split",
+    "codec",
+    "split_reason",
+    "device_weights",
+    "bytes_up",
+    "bytes_down",
+    "prefill_bytes_up",
+    "step_bytes_up",
+    "messages_up",
+    "messages_down",
+    "cached_tokens",
+    "replays",
+    "resumes",
+    "edge_replica",
+    "busy_retries",
+    "local_fallback",
+    "timings",
+}
+TIMING_KEYS = {
+    "ttft_seconds",
+    "total_seconds",
+    "device_compute_seconds",
+    "edge_compute_seconds",
+    "edge_queue_seconds",
+    "edge_decode_seconds",
+    "network_seconds",
+}
 
 
 def test_coinfer_object_has_its_keys_and_no_null_prediction(client, model_name):
@@ -202,23 +252,35 @@ def test_health_ready_metrics(client, model_name):
     assert ready.status_code == 200 and ready.json()["edge"]["status"] == "ok"
     client.post("/v1/chat/completions", json=chat(model=model_name, max_tokens=3))
     text = client.get("/metrics").text
-    for name in ("coinfer_time_to_first_token_seconds_bucket", "coinfer_inter_token_latency_seconds_bucket",
-                 'coinfer_wire_bytes_total{direction="up"}', "coinfer_split_layer", "coinfer_active_requests",
-                 'coinfer_requests_total{route="/v1/chat/completions",status="200"}'):
+    for name in (
+        "coinfer_time_to_first_token_seconds_bucket",
+        "coinfer_inter_token_latency_seconds_bucket",
+        'coinfer_wire_bytes_total{direction="up"}',
+        "coinfer_split_layer",
+        "coinfer_active_requests",
+        'coinfer_requests_total{route="/v1/chat/completions",status="200"}',
+    ):
         assert name in text, name
 
 
 def test_edge_down_gives_503_unless_device_holds_all_layers(tiny_dir):
     """No edge listening: a split request -> 503 with Retry-After; split N still works."""
-    settings = AgentSettings(model_dir=str(tiny_dir), edge="127.0.0.1:1", split="3", connect_timeout_seconds=0.5,
-                             replays=0, max_device_layers=3)
+    settings = AgentSettings(
+        model_dir=str(tiny_dir),
+        edge="127.0.0.1:1",
+        split="3",
+        connect_timeout_seconds=0.5,
+        replays=0,
+        max_device_layers=3,
+    )
     with TestClient(build_app(settings)) as c:
         name = c.get("/v1/models").json()["data"][0]["id"]
         r = c.post("/v1/chat/completions", json=chat(model=name))
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "edge_unavailable"
         assert c.get("/readyz").status_code == 503
-    settings = AgentSettings(model_dir=str(tiny_dir), edge="127.0.0.1:1", split="3", connect_timeout_seconds=0.5,
-                             replays=0)
+    settings = AgentSettings(
+        model_dir=str(tiny_dir), edge="127.0.0.1:1", split="3", connect_timeout_seconds=0.5, replays=0
+    )
     with TestClient(build_app(settings)) as c:
         r = c.post("/v1/chat/completions", json=chat(model=name))
         assert r.status_code == 200 and r.json()["coinfer"]["local_fallback"] is True
@@ -227,8 +289,10 @@ def test_edge_down_gives_503_unless_device_holds_all_layers(tiny_dir):
 
 # -- split "auto": the partitioner in the agent -------------------------------------------------
 def test_auto_split_is_planned_and_explained(client, model_name):
-    r = client.post("/v1/completions", json={"model": model_name, "prompt": "w1 w5 w9", "max_tokens": 6,
-                                             "temperature": 0, "split": "auto"})
+    r = client.post(
+        "/v1/completions",
+        json={"model": model_name, "prompt": "w1 w5 w9", "max_tokens": 6, "temperature": 0, "split": "auto"},
+    )
     assert r.status_code == 200, r.text
     ext = r.json()["coinfer"]
     plan = client.get("/v1/plan", params={"prompt_tokens": 3, "max_tokens": 6}).json()

@@ -21,8 +21,9 @@ N = 6
 
 
 def _engine(model_dir, edge, split, **kw):
-    settings = AgentSettings(model_dir=str(model_dir), edge=address(edge), split=str(split), codec="f32",
-                             connect_timeout_seconds=10, **kw)
+    settings = AgentSettings(
+        model_dir=str(model_dir), edge=address(edge), split=str(split), codec="f32", connect_timeout_seconds=10, **kw
+    )
     return build_app(settings).state.logic.engine
 
 
@@ -165,8 +166,16 @@ def test_busy_edge_is_503_with_retry_after_when_the_device_cannot_finish_alone(t
         holder.start()
         while len(edge.service.sessions) < 1:
             time.sleep(0.01)
-        app = build_app(AgentSettings(model_dir=str(tiny_dir), edge=address(edge), split="3", codec="f32",
-                                      max_device_layers=3, busy_wait_seconds=0.2))
+        app = build_app(
+            AgentSettings(
+                model_dir=str(tiny_dir),
+                edge=address(edge),
+                split="3",
+                codec="f32",
+                max_device_layers=3,
+                busy_wait_seconds=0.2,
+            )
+        )
         with TestClient(app) as c:
             body = {"model": c.get("/v1/models").json()["data"][0]["id"], "prompt": "w1 w2", "max_tokens": 4}
             r = c.post("/v1/completions", json=body)

@@ -106,9 +106,13 @@ def test_stop_ids_end_the_session(edge, tiny_dir, fp):
     ref = [t for t, _ in generate(model_step(load_slice(tiny_dir)), PROMPT, 30, params)]
     i = next(i for i in range(1, 30) if ref[i] not in ref[:i])  # first token not seen before
     with stub(address(edge)) as s:
-        replies = session(s, [open_msg(fp, 0, max_new=30, stop_ids=[ref[i]],
-                                       sampling=pb.Sampling(temperature=1.5, seed=11)),
-                              pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT))])
+        replies = session(
+            s,
+            [
+                open_msg(fp, 0, max_new=30, stop_ids=[ref[i]], sampling=pb.Sampling(temperature=1.5, seed=11)),
+                pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT)),
+            ],
+        )
     assert [r.token.id for r in replies[1:-1]] == ref[: i + 1]
     assert replies[-1].done.finish_reason == pb.FINISH_REASON_STOP
 
@@ -123,14 +127,22 @@ BAD = {
     "too many tokens": ([open_msg(None, 2, max_new=65)], grpc.StatusCode.INVALID_ARGUMENT),
     "bad sampling": ([open_msg(None, 2, sampling=pb.Sampling(temperature=-1))], grpc.StatusCode.INVALID_ARGUMENT),
     "empty session id": ([open_msg(None, 2, session_id="")], grpc.StatusCode.INVALID_ARGUMENT),
-    "garbage frame": ([open_msg(None, 2), pb.DeviceMessage(prefill=pb.Prefill(frame=b"\x00\x00\x00\x05garbage"))],
-                      grpc.StatusCode.INVALID_ARGUMENT),
-    "no frame at split > 0": ([open_msg(None, 2), pb.DeviceMessage(prefill=pb.Prefill())],
-                              grpc.StatusCode.INVALID_ARGUMENT),
-    "token id out of vocab": ([open_msg(None, 0), pb.DeviceMessage(prefill=pb.Prefill(token_ids=[1, 96]))],
-                              grpc.StatusCode.INVALID_ARGUMENT),
-    "step instead of prefill": ([open_msg(None, 2), pb.DeviceMessage(step=pb.Step(frame=b""))],
-                                grpc.StatusCode.FAILED_PRECONDITION),
+    "garbage frame": (
+        [open_msg(None, 2), pb.DeviceMessage(prefill=pb.Prefill(frame=b"\x00\x00\x00\x05garbage"))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "no frame at split > 0": (
+        [open_msg(None, 2), pb.DeviceMessage(prefill=pb.Prefill())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "token id out of vocab": (
+        [open_msg(None, 0), pb.DeviceMessage(prefill=pb.Prefill(token_ids=[1, 96]))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "step instead of prefill": (
+        [open_msg(None, 2), pb.DeviceMessage(step=pb.Step(frame=b""))],
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ),
     "two opens": ([open_msg(None, 2), open_msg(None, 2)], grpc.StatusCode.FAILED_PRECONDITION),
 }
 
@@ -164,9 +176,9 @@ def test_session_limit_and_vanishing_clients(edge, fp, tiny_dir):
     channels, calls = [], []
     for i in range(3):
         ch = grpc.insecure_channel(address(edge))
-        from coinfer.v1 import edge_pb2_grpc
-
         import queue
+
+        from coinfer.v1 import edge_pb2_grpc
 
         q: queue.Queue = queue.Queue()
         q.put(open_msg(fp, 2, session_id=f"hold-{i}"))
@@ -179,7 +191,7 @@ def test_session_limit_and_vanishing_clients(edge, fp, tiny_dir):
         with pytest.raises(grpc.RpcError) as e:
             session(s, [open_msg(fp, 0, session_id="one-too-many")])
         assert code_of(e) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    for call, ch in zip(calls, channels):
+    for call, ch in zip(calls, channels, strict=True):
         call.cancel()
         ch.close()
     assert wait_sessions(edge, 0), "vanished clients' sessions were not freed"
@@ -191,8 +203,13 @@ def test_garbage_does_not_disturb_a_concurrent_session(edge, fp, tiny_dir):
 
     def healthy():
         with stub(address(edge)) as s:
-            replies = session(s, [open_msg(fp, 0, max_new=40, session_id="healthy"),
-                                  pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT))])
+            replies = session(
+                s,
+                [
+                    open_msg(fp, 0, max_new=40, session_id="healthy"),
+                    pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT)),
+                ],
+            )
             result["ids"] = [r.token.id for r in replies[1:-1]]
 
     t = threading.Thread(target=healthy)
@@ -200,8 +217,13 @@ def test_garbage_does_not_disturb_a_concurrent_session(edge, fp, tiny_dir):
     with stub(address(edge)) as s:
         for i in range(20):
             with pytest.raises(grpc.RpcError):
-                session(s, [open_msg(fp, 3, session_id=f"bad-{i}"),
-                            pb.DeviceMessage(prefill=pb.Prefill(frame=bytes([i]) * 50))])
+                session(
+                    s,
+                    [
+                        open_msg(fp, 3, session_id=f"bad-{i}"),
+                        pb.DeviceMessage(prefill=pb.Prefill(frame=bytes([i]) * 50)),
+                    ],
+                )
     t.join(30)
     assert result["ids"] == expected
 
@@ -224,8 +246,9 @@ def test_prefill_frame_of_real_head(edge, tiny_dir, fp):
 def test_half_close_before_the_end_frees_the_session(edge, fp):
     with stub(address(edge)) as s:
         assert session(s, []) == []  # no Open at all
-        replies = session(s, [open_msg(fp, 2, max_new=5), pb.DeviceMessage(prefill=pb.Prefill(
-            frame=hidden_frame_tiny(edge, 2)))])
+        replies = session(
+            s, [open_msg(fp, 2, max_new=5), pb.DeviceMessage(prefill=pb.Prefill(frame=hidden_frame_tiny(edge, 2)))]
+        )
         assert [r.WhichOneof("kind") for r in replies] == ["opened", "token"]
     assert wait_sessions(edge, 0)
 

@@ -40,10 +40,17 @@ def test_an_internal_error_answers_internal_and_the_edge_keeps_serving(edge, tin
     try:
         with stub(address(edge)) as s, caplog.at_level(logging.INFO, logger="coinfer.edge"):
             with pytest.raises(grpc.RpcError) as e:
-                session(s, [open_msg(fp, 0, max_new=4, session_id="victim-of-a-bug"),
-                            pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT))])
-            replies = session(s, [open_msg(fp, 0, max_new=4, session_id="next"),
-                                  pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT))])
+                session(
+                    s,
+                    [
+                        open_msg(fp, 0, max_new=4, session_id="victim-of-a-bug"),
+                        pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT)),
+                    ],
+                )
+            replies = session(
+                s,
+                [open_msg(fp, 0, max_new=4, session_id="next"), pb.DeviceMessage(prefill=pb.Prefill(token_ids=PROMPT))],
+            )
     finally:
         runner.prefill_input = original
     assert e.value.code() == C.INTERNAL and e.value.details() == INTERNAL_DETAILS
@@ -59,6 +66,7 @@ def test_an_internal_error_answers_internal_and_the_edge_keeps_serving(edge, tin
 def test_a_fault_in_a_unary_call_answers_internal_without_its_text(edge, caplog, call, monkeypatch):
     """grpc's own answer to a handler that raises is UNKNOWN with the exception's text; ours is
     INTERNAL without it, logged, and the next call is served."""
+
     def broken(*_):
         raise RuntimeError("secret internal detail")
 

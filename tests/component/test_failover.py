@@ -20,8 +20,13 @@ PROMPT = [11, 40, 7, 23, 5, 88, 64, 3, 19]
 
 
 def _engine(model_dir, edges, split):
-    settings = AgentSettings(model_dir=str(model_dir), edge=",".join(address(e) for e in edges), split=str(split),
-                             codec="f32", connect_timeout_seconds=2)
+    settings = AgentSettings(
+        model_dir=str(model_dir),
+        edge=",".join(address(e) for e in edges),
+        split=str(split),
+        codec="f32",
+        connect_timeout_seconds=2,
+    )
     return build_app(settings).state.logic.engine
 
 
@@ -43,8 +48,13 @@ def _sessions_opened(edge, at_least: int = 1) -> float:
 
     deadline = time.monotonic() + 5
     while True:
-        n = sum(s.value for m in edge.service.metrics.registry.collect() if m.name == "coinfer_sessions"
-                for s in m.samples if s.name == "coinfer_sessions_total")
+        n = sum(
+            s.value
+            for m in edge.service.metrics.registry.collect()
+            if m.name == "coinfer_sessions"
+            for s in m.samples
+            if s.name == "coinfer_sessions_total"
+        )
         if n >= at_least or time.monotonic() > deadline:
             return n
         time.sleep(0.01)
@@ -59,7 +69,7 @@ def test_serving_edge_dies_mid_stream_and_another_finishes_identically(tiny_dir)
             serving = a if first.address == address(a) else b
             other = b if serving is a else a
 
-            def kill(n):
+            def kill(n, serving=serving):
                 if n == 6:
                     serving.stop(0)
 
@@ -75,8 +85,11 @@ def test_an_edge_down_at_start_is_skipped(tiny_dir):
     with edge_server(tiny_dir) as a:
         with edge_server(tiny_dir) as b:
             dead = address(b)
-        engine = build_app(AgentSettings(model_dir=str(tiny_dir), edge=f"{dead},{address(a)}", split="3",
-                                         codec="f32", connect_timeout_seconds=2)).state.logic.engine
+        engine = build_app(
+            AgentSettings(
+                model_dir=str(tiny_dir), edge=f"{dead},{address(a)}", split="3", codec="f32", connect_timeout_seconds=2
+            )
+        ).state.logic.engine
         assert engine.edge.address == address(a)
         got, result = _run(engine)
         assert got == greedy_reference(tiny_dir, PROMPT, 24) and result.stats.replays == 0
@@ -89,8 +102,7 @@ def test_a_full_edge_hands_the_request_to_another(tiny_dir):
         engine = _engine(tiny_dir, [a, b], 3)
         busy = a if engine.edge.address == address(a) else b
         release = threading.Event()
-        holder = threading.Thread(target=hold_session, args=(address(busy), busy.service.runner.fingerprint,
-                                                              release))
+        holder = threading.Thread(target=hold_session, args=(address(busy), busy.service.runner.fingerprint, release))
         holder.start()
         while len(busy.service.sessions) < 1:
             threading.Event().wait(0.01)
@@ -142,6 +154,7 @@ def test_failover_reports_when_no_other_edge_answers_and_keeps_the_active_one(mo
             if i not in answering:
                 raise EdgeError(grpc.StatusCode.UNAVAILABLE, "no answer")
             return pb.DescribeResponse(), Exchange(2, 2, 0.001)
+
         return call
 
     for i, c in enumerate(pool.clients):

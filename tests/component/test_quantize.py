@@ -23,4 +23,3 @@ def test_quantized_edge_and_device_serve(tiny_dir, weights):
             r = c.post("/v1/completions", json={"model": name, "prompt": "w1 w2", "max_tokens": 4, "temperature": 0})
             assert r.status_code == 200 and r.json()["coinfer"]["device_weights"] == weights
             assert r.json()["usage"]["completion_tokens"] >= 1
-

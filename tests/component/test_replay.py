@@ -13,16 +13,11 @@ from device_agent.edge.client import MessageTooLarge
 from device_agent.generate import GenerationRequest, Result
 from edge_server.config import EdgeSettings
 from edge_server.server import EdgeServer
+from tests.support.agent_app import edge_engine
 from tests.support.edge import address, edge_server
 from tests.support.reference import greedy_reference
 
 PROMPT = [11, 40, 7, 23, 5, 88, 64, 3, 19]
-
-
-def _engine(model_dir, port: int, split: int):
-    settings = AgentSettings(model_dir=str(model_dir), edge=f"127.0.0.1:{port}", split=str(split), codec="f32",
-                             replays=3, connect_timeout_seconds=10)
-    return build_app(settings).state.logic.engine
 
 
 def _edge(model_dir, port: int = 0) -> EdgeServer:
@@ -37,7 +32,7 @@ def test_edge_restart_mid_stream_is_replayed(tiny_dirs):
     port = srv.grpc_port
     try:
         for split in (0, 3):
-            engine = _engine(d, port, split)
+            engine = edge_engine(d, port, split)
             expected = greedy_reference(d, PROMPT, 24, engine.tokenizer.eos_token_ids)
             got, result = [], None
             for ev in engine.stream(GenerationRequest(PROMPT, 24, SamplingParams())):
@@ -62,8 +57,9 @@ def _opened(edge) -> float:
 def test_a_prefill_over_the_edges_message_limit_is_refused_once_not_retried(tiny_dirs):
     d = tiny_dirs["qwen2"]
     with edge_server(d, max_message_bytes=2048) as edge:  # Opened.limits tells the device
-        engine = build_app(AgentSettings(model_dir=str(d), edge=address(edge), split="3", codec="f32",
-                                         prefix_reuse=False)).state.logic.engine
+        engine = build_app(
+            AgentSettings(model_dir=str(d), edge=address(edge), split="3", codec="f32", prefix_reuse=False)
+        ).state.logic.engine
         long = GenerationRequest(list(range(10, 40)), 4, SamplingParams())  # 30 positions x 64 x f32 > 2 KiB
         with pytest.raises(MessageTooLarge) as e:
             list(engine.stream(long))
@@ -75,8 +71,9 @@ def test_a_prefill_over_the_edges_message_limit_is_refused_once_not_retried(tiny
 def test_a_prompt_over_the_devices_message_limit_is_a_400_with_a_clear_message(tiny_dirs):
     d = tiny_dirs["qwen2"]
     with edge_server(d) as edge:
-        app = build_app(AgentSettings(model_dir=str(d), edge=address(edge), split="3", codec="f32",
-                                      max_message_bytes=4096))
+        app = build_app(
+            AgentSettings(model_dir=str(d), edge=address(edge), split="3", codec="f32", max_message_bytes=4096)
+        )
         with TestClient(app) as c:
             model = c.get("/v1/models").json()["data"][0]["id"]
             prompt = " ".join(f"w{i}" for i in range(10, 60))

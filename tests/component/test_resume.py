@@ -15,22 +15,15 @@ import pytest
 from coinfer.model.sampling import SamplingParams
 from coinfer.tools.shaper import Shaper
 from coinfer.v1 import edge_pb2 as pb
-from device_agent.cli import build_app
-from device_agent.config import AgentSettings
-from device_agent.generate import GenerationRequest, Result
 from coinfer.wire import RESUME_TOKEN_BYTES as TOKEN_BYTES
+from device_agent.generate import GenerationRequest, Result
 from edge_server.sessions import SessionStore
+from tests.support.agent_app import edge_engine
 from tests.support.edge import edge_server, open_msg, stub
-from tests.support.reference import greedy_reference
 from tests.support.kv_store import PER_CHUNK, tail_session
+from tests.support.reference import greedy_reference
 
 PROMPT = [11, 40, 7, 23, 5, 88, 64, 3, 19, 42, 17, 9, 30, 31, 2, 6, 8, 77, 12, 13]
-
-
-def _engine(model_dir, port: int, split: int):
-    settings = AgentSettings(model_dir=str(model_dir), edge=f"127.0.0.1:{port}", split=str(split), codec="f32",
-                             replays=3, connect_timeout_seconds=10)
-    return build_app(settings).state.logic.engine
 
 
 def _run_and_break(engine, n: int, at: int, on_break) -> tuple[list[int], Result]:
@@ -62,7 +55,7 @@ def test_a_broken_stream_resumes_from_the_edges_cache_without_replay(tiny_dirs, 
     with edge_server(d) as srv:
         link = Shaper(("127.0.0.1", srv.grpc_port))
         port = link.start()
-        engine = _engine(d, port, split)
+        engine = edge_engine(d, port, split)
         expected = greedy_reference(d, PROMPT, 24, engine.tokenizer.eos_token_ids)
         links = [link]
         try:  # every connection through the link drops; a new link to the same edge opens on the same port
@@ -81,7 +74,7 @@ def test_a_reopen_on_a_replica_without_the_session_replays(tiny_dirs, split):
     with edge_server(d) as a, edge_server(d) as b:
         link = Shaper(("127.0.0.1", a.grpc_port))
         port = link.start()
-        engine = _engine(d, port, split)
+        engine = edge_engine(d, port, split)
         expected = greedy_reference(d, PROMPT, 24, engine.tokenizer.eos_token_ids)
         links = [link]
         try:  # the route now leads to replica b, which never saw the session
@@ -97,8 +90,9 @@ def test_a_reopen_on_a_replica_without_the_session_replays(tiny_dirs, split):
 def test_resume_of_an_unknown_session_is_not_found_with_the_replay_hint(tiny_dir):
     with edge_server(tiny_dir) as srv, stub(f"127.0.0.1:{srv.grpc_port}") as s:
         fp = srv.service.runner.fingerprint
-        call = s.Generate(iter([open_msg(fp, 0, session_id="nobody", resume_tokens=5,
-                                         resume_token=bytes(TOKEN_BYTES))]), timeout=10)
+        call = s.Generate(
+            iter([open_msg(fp, 0, session_id="nobody", resume_tokens=5, resume_token=bytes(TOKEN_BYTES))]), timeout=10
+        )
         with pytest.raises(grpc.RpcError) as e:
             list(call)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "replay" in e.value.details()
@@ -128,4 +122,3 @@ def test_reopen_waits_for_the_old_stream_of_the_session_to_end():
     store.wait_released("s1", old.owner, old.resume_token, timeout=5)
     assert 0.1 < time.monotonic() - t0 < 2 and len(store) == 0
     t.join()
-

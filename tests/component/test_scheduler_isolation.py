@@ -55,8 +55,13 @@ def _run(runner, bad: dict | None = None) -> tuple[dict, list[int]]:
     """Sessions of GOOD (and one bad one) decode in threads; steps form batches of every live
     session (the gather waits for all of them). -> (tokens or the exception per session, batch sizes)."""
     store, sizes = SessionStore(max_sessions=8, budget_bytes=64 << 20), []
-    sched = Scheduler(runner.model, store, max_batch=8, max_wait=2.0,
-                      on_batch=lambda kind, n, q, t: sizes.append(n) if kind == "decode" else None)
+    sched = Scheduler(
+        runner.model,
+        store,
+        max_batch=8,
+        max_wait=2.0,
+        on_batch=lambda kind, n, q, t: sizes.append(n) if kind == "decode" else None,
+    )
     sched.gap = 2.0  # a batch waits for every decoding session, however loaded this machine is
     out: dict[str, list] = {}
     try:
@@ -113,8 +118,7 @@ def test_a_failing_sampler_fails_its_session_alone(runner, alone):
         return 0
 
     sampler.calls, sampler.draw = [], draw
-    out, sizes = _run(runner, {"params": sampler.params, "sampler": sampler,
-                               "poison": _hidden(D, (1,), 5)})
+    out, sizes = _run(runner, {"params": sampler.params, "sampler": sampler, "poison": _hidden(D, (1,), 5)})
     assert isinstance(out["bad"][-1], NonFiniteState) and "sampling failed" in str(out["bad"][-1])
     assert 3 in sizes and {k: out[k] for k in GOOD} == alone
 

@@ -35,23 +35,31 @@ def _name(cn: str) -> x509.Name:
 
 
 def _cert(subject: str, issuer_key, issuer: str, key, ca: bool = False, server: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    now = datetime.datetime.now(datetime.UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if server:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                            critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
     return b.sign(issuer_key, hashes.SHA256())
 
 
 def _write(d: Path, name: str, cert: x509.Certificate, key) -> tuple[str, str]:
     c, k = d / f"{name}.pem", d / f"{name}.key"
     c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
+    k.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(c), str(k)
 
 
@@ -66,13 +74,23 @@ def pki(tmp_path_factory) -> dict[str, str]:
             key = ec.generate_private_key(ec.SECP256R1())
             prefix = "" if ca_name == "ca" else "rogue-"
             out[f"{prefix}{who}"], out[f"{prefix}{who}-key"] = _write(
-                d, f"{prefix}{who}", _cert(f"{prefix}{who}", ca_key, ca_name, key, server=server), key)
+                d, f"{prefix}{who}", _cert(f"{prefix}{who}", ca_key, ca_name, key, server=server), key
+            )
     return out
 
 
 def _engine(model_dir, edge, **kw):
-    settings = AgentSettings(model_dir=str(model_dir), edge=address(edge), split="3", codec="f32",
-                             connect_timeout_seconds=2, busy_wait_seconds=0, replays=0, max_device_layers=3, **kw)
+    settings = AgentSettings(
+        model_dir=str(model_dir),
+        edge=address(edge),
+        split="3",
+        codec="f32",
+        connect_timeout_seconds=2,
+        busy_wait_seconds=0,
+        replays=0,
+        max_device_layers=3,
+        **kw,
+    )
     return build_app(settings).state.logic.engine
 
 
@@ -101,18 +119,33 @@ def test_tls_and_mutual_tls(tiny_dir, pki):
         assert _generate(_engine(tiny_dir, edge, edge_ca_file=pki["ca"]))[0] == expected
         assert _fails(_engine(tiny_dir, edge)) == "UNAVAILABLE"  # plaintext client: no handshake
         assert _fails(_engine(tiny_dir, edge, edge_ca_file=pki["rogue-ca"])) == "UNAVAILABLE"  # wrong CA
-    with edge_server(tiny_dir, tls_cert_file=pki["edge"], tls_key_file=pki["edge-key"],
-                     tls_client_ca_file=pki["ca"]) as edge:
-        ok = _engine(tiny_dir, edge, edge_ca_file=pki["ca"], edge_cert_file=pki["device"],
-                     edge_key_file=pki["device-key"])
+    with edge_server(
+        tiny_dir, tls_cert_file=pki["edge"], tls_key_file=pki["edge-key"], tls_client_ca_file=pki["ca"]
+    ) as edge:
+        ok = _engine(
+            tiny_dir, edge, edge_ca_file=pki["ca"], edge_cert_file=pki["device"], edge_key_file=pki["device-key"]
+        )
         assert _generate(ok)[0] == expected
         from coinfer.tools.healthcheck import main as healthcheck  # the container probe speaks mutual TLS too
-        assert healthcheck(["grpc", address(edge), "--ca", pki["ca"], "--cert", pki["device"],
-                            "--key", pki["device-key"]]) == 0
+
+        assert (
+            healthcheck(["grpc", address(edge), "--ca", pki["ca"], "--cert", pki["device"], "--key", pki["device-key"]])
+            == 0
+        )
         assert healthcheck(["grpc", address(edge), "--timeout", "1"]) == 1
         assert _fails(_engine(tiny_dir, edge, edge_ca_file=pki["ca"])) == "UNAVAILABLE"  # no client certificate
-        assert _fails(_engine(tiny_dir, edge, edge_ca_file=pki["ca"], edge_cert_file=pki["rogue-device"],
-                              edge_key_file=pki["rogue-device-key"])) == "UNAVAILABLE"  # certificate of another CA
+        assert (
+            _fails(
+                _engine(
+                    tiny_dir,
+                    edge,
+                    edge_ca_file=pki["ca"],
+                    edge_cert_file=pki["rogue-device"],
+                    edge_key_file=pki["rogue-device-key"],
+                )
+            )
+            == "UNAVAILABLE"
+        )  # certificate of another CA
 
 
 def test_bearer_token_guards_every_call_but_health(tiny_dir):
@@ -156,8 +189,11 @@ def test_kept_caches_and_session_limits_are_per_client(tiny_dir):
             held = stub.Generate(open_and_wait(), timeout=10, metadata=wire.bearer_metadata("alice"))
             assert next(held).WhichOneof("kind") == "opened"
             with pytest.raises(grpc.RpcError) as e:
-                list(stub.Generate(iter([open_msg(fp, 0, session_id="a2")]), timeout=5,
-                                   metadata=wire.bearer_metadata("alice")))
+                list(
+                    stub.Generate(
+                        iter([open_msg(fp, 0, session_id="a2")]), timeout=5, metadata=wire.bearer_metadata("alice")
+                    )
+                )
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per_client" in e.value.details()
             assert _generate(bob)[0]
             release.set()

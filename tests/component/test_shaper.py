@@ -22,8 +22,9 @@ def echo():
                 c, _ = srv.accept()
             except OSError:
                 return
-            threading.Thread(target=lambda c=c: [c.sendall(d) for d in iter(lambda: c.recv(65536), b"")],
-                             daemon=True).start()
+            threading.Thread(
+                target=lambda c=c: [c.sendall(d) for d in iter(lambda: c.recv(65536), b"")], daemon=True
+            ).start()
 
     threading.Thread(target=serve, daemon=True).start()
     yield srv.getsockname()
@@ -62,9 +63,25 @@ def test_coinfer_shape_cli_changes_the_link_live(echo):
     import subprocess
     import sys
 
-    p = subprocess.Popen([sys.executable, "-m", "coinfer.cli", "shape", "--target", f"127.0.0.1:{echo[1]}",
-                          "--listen", "127.0.0.1:0", "--rate", "1mbit", "--delay", "10ms"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coinfer.cli",
+            "shape",
+            "--target",
+            f"127.0.0.1:{echo[1]}",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate",
+            "1mbit",
+            "--delay",
+            "10ms",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         ready = p.stdout.readline()
         assert ready.startswith("READY shaper 127.0.0.1:")

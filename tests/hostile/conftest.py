@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from coinfer import codec
-from coinfer.tools.launcher import start_edge
 from coinfer.model import load_slice
 from coinfer.model.weights import read_fingerprint
+from coinfer.tools.launcher import start_edge
 from coinfer.v1 import edge_pb2 as pb
 from coinfer.v1 import edge_pb2_grpc
 
@@ -27,9 +27,25 @@ PROMPT = [11, 40, 7, 23, 5, 88, 64, 3, 19, 42, 17, 9, 30, 31, 2, 6, 8, 77, 12, 1
 @pytest.fixture(scope="module")
 def edge(tiny_dir):
     """One real edge process on the tiny model, with short deadlines so the tests can wait them out."""
-    proc = start_edge(tiny_dir, args=["--profile", "false", "--first-message-seconds", "1",
-                                      "--stream-idle-seconds", "1.5", "--max-streams", "6", "--workers", "10",
-                                      "--max-probe-bytes", "65536", "--torch-threads", "1"])
+    proc = start_edge(
+        tiny_dir,
+        args=[
+            "--profile",
+            "false",
+            "--first-message-seconds",
+            "1",
+            "--stream-idle-seconds",
+            "1.5",
+            "--max-streams",
+            "6",
+            "--workers",
+            "10",
+            "--max-probe-bytes",
+            "65536",
+            "--torch-threads",
+            "1",
+        ],
+    )
     try:
         yield proc
     finally:
@@ -48,8 +64,9 @@ def channel(edge) -> Iterator[grpc.Channel]:
 
 
 def open_(fp: str, split: int = 0, max_new: int = 6, session_id: str = "victim", **kw) -> pb.DeviceMessage:
-    return pb.DeviceMessage(open=pb.Open(session_id=session_id, fingerprint=fp, split=split, codec="f32",
-                                         max_new_tokens=max_new, **kw))
+    return pb.DeviceMessage(
+        open=pb.Open(session_id=session_id, fingerprint=fp, split=split, codec="f32", max_new_tokens=max_new, **kw)
+    )
 
 
 def prefill_ids(ids: list[int], **kw) -> pb.DeviceMessage:

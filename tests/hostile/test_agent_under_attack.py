@@ -20,15 +20,23 @@ BUSY_WAIT = 2.0
 
 def _refused(edge) -> float:
     text = httpx.get(edge.ready["ops"] + "/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith('coinfer_sessions_total{outcome="resource_exhausted"}'))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('coinfer_sessions_total{outcome="resource_exhausted"}')
+    )
 
 
 @pytest.fixture(scope="module")
 def full_edges(tiny_dir, fp):
     """Two edges of one session each, both held by an Open-only stream (long deadlines)."""
-    edges = [start_edge(tiny_dir, args=["--profile", "false", "--max-sessions", "1", "--stream-idle-seconds", "120",
-                                        "--torch-threads", "1"]) for _ in range(2)]
+    edges = [
+        start_edge(
+            tiny_dir,
+            args=["--profile", "false", "--max-sessions", "1", "--stream-idle-seconds", "120", "--torch-threads", "1"],
+        )
+        for _ in range(2)
+    ]
     holders = []
     try:
         for i, e in enumerate(edges):
@@ -40,7 +48,7 @@ def full_edges(tiny_dir, fp):
             holders.append((ch, call, out))
         yield edges
     finally:
-        for ch, call, out in holders:
+        for ch, call, _ in holders:
             call.cancel()
             ch.close()
         for e in edges:
@@ -49,10 +57,24 @@ def full_edges(tiny_dir, fp):
 
 @pytest.fixture(scope="module")
 def agent(tiny_dir, full_edges):
-    proc = start_agent(tiny_dir, ",".join(e.ready["grpc"] for e in full_edges),
-                       args=["--split", "0", "--max-device-layers", "3", "--busy-wait-seconds", str(BUSY_WAIT),
-                             "--max-concurrent-requests", "1", "--max-request-bytes", "65536",
-                             "--profile-dir", ""])
+    proc = start_agent(
+        tiny_dir,
+        ",".join(e.ready["grpc"] for e in full_edges),
+        args=[
+            "--split",
+            "0",
+            "--max-device-layers",
+            "3",
+            "--busy-wait-seconds",
+            str(BUSY_WAIT),
+            "--max-concurrent-requests",
+            "1",
+            "--max-request-bytes",
+            "65536",
+            "--profile-dir",
+            "",
+        ],
+    )
     try:
         yield proc
     finally:
@@ -85,8 +107,11 @@ def test_agent_limits_answer_413_and_503_and_it_keeps_serving(agent):
     assert r.status_code == 413 and r.json()["error"]["message"]
     # one generation in flight (it waits out the full edges), the next is refused at once
     first: list[httpx.Response] = []
-    t = threading.Thread(target=lambda: first.append(
-        httpx.post(base + "/v1/chat/completions", json={**_chat(), "model": model}, timeout=30)))
+    t = threading.Thread(
+        target=lambda: first.append(
+            httpx.post(base + "/v1/chat/completions", json={**_chat(), "model": model}, timeout=30)
+        )
+    )
     t.start()
     time.sleep(0.5)
     t0 = time.monotonic()

@@ -36,8 +36,10 @@ MALFORMED = {
     "shape product overflows int64": (open_, _prefill(frame([2**40, 2**40]))),
     "rank 3 frame hides its token count": (open_, _prefill(frame([1, 1 << 20, HIDDEN]))),
     "huge token count": (open_, _prefill(frame([1 << 30, HIDDEN]))),
-    "uq frame claiming a huge body": (open_, _prefill(frame([1 << 16, HIDDEN], b"\0" * 64, "uq10",
-                                                            scales=b"\0" * 2, aux=1 << 30))),
+    "uq frame claiming a huge body": (
+        open_,
+        _prefill(frame([1 << 16, HIDDEN], b"\0" * 64, "uq10", scales=b"\0" * 2, aux=1 << 30)),
+    ),
     "negative dims": (open_, _prefill(frame([-1, HIDDEN]))),
 }
 

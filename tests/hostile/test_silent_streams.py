@@ -57,8 +57,9 @@ def test_silent_streams_are_capped_and_ended_while_health_and_honest_sessions_go
     assert all(c in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED) for c in codes), codes
     assert took < 1.0 + 2.0, f"silent streams held for {took:.1f} s (first-message deadline 1 s)"
     with stub(edge.ready["grpc"]) as s:  # and the edge serves again
-        assert tokens(session(s, [open_(fp, max_new=4, session_id="h-after"), prefill_ids(PROMPT)])) == \
-            greedy_reference(tiny_dir, PROMPT, 4)
+        assert tokens(
+            session(s, [open_(fp, max_new=4, session_id="h-after"), prefill_ids(PROMPT)])
+        ) == greedy_reference(tiny_dir, PROMPT, 4)
 
 
 def test_open_only_streams_free_their_session_slots(edge, fp):
@@ -99,17 +100,40 @@ def test_one_client_cannot_take_every_stream(tiny_dir, fp):
     its share, and another device's session goes through meanwhile."""
     from coinfer.tools.launcher import start_edge
 
-    edge = start_edge(tiny_dir, args=["--profile", "false", "--auth-tokens", "evil,honest", "--max-streams", "6",
-                                      "--workers", "10", "--max-streams-per-client", "3",
-                                      "--first-message-seconds", "5", "--torch-threads", "1"])
+    edge = start_edge(
+        tiny_dir,
+        args=[
+            "--profile",
+            "false",
+            "--auth-tokens",
+            "evil,honest",
+            "--max-streams",
+            "6",
+            "--workers",
+            "10",
+            "--max-streams-per-client",
+            "3",
+            "--first-message-seconds",
+            "5",
+            "--torch-threads",
+            "1",
+        ],
+    )
     try:
         with grpc.insecure_channel(edge.ready["grpc"]) as ch:
             stub_ = edge_pb2_grpc.EdgeInferenceStub(ch)
-            evil = [stub_.Generate(iter(queue.Queue().get, None), timeout=30,
-                                   metadata=wire.bearer_metadata("evil")) for _ in range(5)]
+            evil = [
+                stub_.Generate(iter(queue.Queue().get, None), timeout=30, metadata=wire.bearer_metadata("evil"))
+                for _ in range(5)
+            ]
             time.sleep(0.5)
-            honest = list(stub_.Generate(iter([open_(fp, max_new=3, session_id="ok"), prefill_ids(PROMPT)]),
-                                         timeout=30, metadata=wire.bearer_metadata("honest")))
+            honest = list(
+                stub_.Generate(
+                    iter([open_(fp, max_new=3, session_id="ok"), prefill_ids(PROMPT)]),
+                    timeout=30,
+                    metadata=wire.bearer_metadata("honest"),
+                )
+            )
             assert tokens(honest) == greedy_reference(tiny_dir, PROMPT, 3)
             codes = [_ended(c) for c in evil]
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 2, codes

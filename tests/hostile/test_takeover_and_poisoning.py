@@ -31,13 +31,11 @@ def test_resume_without_the_token_takes_nothing(edge, tiny_dir, fp):
         at = len(PROMPT) - 1  # the kept cache holds the prompt and more: go on from inside it
         for bad in (b"", b"x" * 16, bytes(16), token[:8]):  # a miss like any other: the device replays
             with pytest.raises(grpc.RpcError) as e:
-                session(s, [open_(fp, session_id="v1", resume_tokens=at, resume_token=bad),
-                            prefill_ids(PROMPT[at:])])
+                session(s, [open_(fp, session_id="v1", resume_tokens=at, resume_token=bad), prefill_ids(PROMPT[at:])])
             assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
             assert (wire.REPLAY_KEY, wire.SESSION_MISSING) in (e.value.trailing_metadata() or ())
         # the cache is still the victim's: its own resume goes on from it, with the same output
-        again = session(s, [open_(fp, session_id="v1", resume_tokens=at, resume_token=token),
-                            prefill_ids(PROMPT[at:])])
+        again = session(s, [open_(fp, session_id="v1", resume_tokens=at, resume_token=token), prefill_ids(PROMPT[at:])])
         assert again[0].opened.resumed and again[0].opened.cached_tokens == at
         assert tokens(again) == expected
 
@@ -72,9 +70,13 @@ def test_resume_with_the_token_ends_the_old_stream_for_real(edge, channel, tiny_
     first = old.recv().token.id
     history = PROMPT + [first]
     with stub(edge.ready["grpc"]) as s:
-        replies = session(s, [open_(fp, split=k, max_new=3, session_id="v3", resume_tokens=len(PROMPT),
-                                    resume_token=token),
-                              pb_frame_rows(tiny_dir, history, k, len(PROMPT))])
+        replies = session(
+            s,
+            [
+                open_(fp, split=k, max_new=3, session_id="v3", resume_tokens=len(PROMPT), resume_token=token),
+                pb_frame_rows(tiny_dir, history, k, len(PROMPT)),
+            ],
+        )
         assert replies[0].opened.resumed
         got = tokens(replies)
     assert [first] + got[:1] == expected[:2]  # the first resumed token (the rest need steps)
@@ -91,18 +93,33 @@ def test_k0_prefix_names_must_match_the_ids(edge, tiny_dir, fp):
     with stub(edge.ready["grpc"]) as s:
         # the attacker files its cache (other ids) under the common prefix's names: refused
         with pytest.raises(grpc.RpcError) as e:
-            session(s, [open_(fp, max_new=1, session_id="a1"),
-                        prefill_ids(list(range(50, 82)), block_hashes=honest.blocks, chain_state=honest.state)])
+            session(
+                s,
+                [
+                    open_(fp, max_new=1, session_id="a1"),
+                    prefill_ids(list(range(50, 82)), block_hashes=honest.blocks, chain_state=honest.state),
+                ],
+            )
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "do not match" in e.value.details()
         offer = dict(prefix_hashes=[honest.blocks[-1]], prefix_lengths=[32])
         victim = session(s, [open_(fp, max_new=4, session_id="v4", **offer), prefill_ids(common + [3])])
         assert victim[0].opened.cached_tokens == 0  # nothing was filed under that name
         assert tokens(victim) == greedy_reference(tiny_dir, common + [3], 4)
         # control: correct names are kept and claimed (so the refusal above is the check, not a miss)
-        session(s, [open_(fp, max_new=1, session_id="h1"),
-                    prefill_ids(list(range(50, 82)), block_hashes=forged.blocks, chain_state=forged.state)])
-        claim = session(s, [open_(fp, max_new=4, session_id="v5", prefix_hashes=[forged.blocks[-1]],
-                                  prefix_lengths=[32]), prefill_ids([3])])
+        session(
+            s,
+            [
+                open_(fp, max_new=1, session_id="h1"),
+                prefill_ids(list(range(50, 82)), block_hashes=forged.blocks, chain_state=forged.state),
+            ],
+        )
+        claim = session(
+            s,
+            [
+                open_(fp, max_new=4, session_id="v5", prefix_hashes=[forged.blocks[-1]], prefix_lengths=[32]),
+                prefill_ids([3]),
+            ],
+        )
         assert claim[0].opened.cached_tokens == 32
         assert tokens(claim) == greedy_reference(tiny_dir, list(range(50, 82)) + [3], 4)
 
@@ -137,11 +154,21 @@ def test_takeover_through_the_committed_nginx_config_fails(edge, tiny_dir, fp):
             first = session(s, [open_(fp, max_new=5, session_id="nginx-victim"), prefill_ids(PROMPT)])
             token, at = first[0].opened.resume_token, len(PROMPT) - 1
             with pytest.raises(grpc.RpcError) as e:
-                session(s, [open_(fp, max_new=5, session_id="nginx-victim", resume_tokens=at,
-                                  resume_token=b"z" * 16), prefill_ids(PROMPT[at:])])
+                session(
+                    s,
+                    [
+                        open_(fp, max_new=5, session_id="nginx-victim", resume_tokens=at, resume_token=b"z" * 16),
+                        prefill_ids(PROMPT[at:]),
+                    ],
+                )
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            again = session(s, [open_(fp, max_new=5, session_id="nginx-victim", resume_tokens=at,
-                                      resume_token=token), prefill_ids(PROMPT[at:])])
+            again = session(
+                s,
+                [
+                    open_(fp, max_new=5, session_id="nginx-victim", resume_tokens=at, resume_token=token),
+                    prefill_ids(PROMPT[at:]),
+                ],
+            )
         assert again[0].opened.resumed and tokens(again) == tokens(first) == expected
     finally:
         proxy.stop()

@@ -8,13 +8,22 @@ import threading
 import httpx
 import pytest
 
-from coinfer.tools.launcher import start_agent, start_edge
 from coinfer.model.tokenizer import Tokenizer
+from coinfer.tools.launcher import start_agent, start_edge
+from tests.support.processes import ONE_THREAD
 from tests.support.reference import greedy_reference
 
 pytestmark = pytest.mark.integration
-TOPICS = ["the sea", "a small robot", "bread baking", "mountain weather", "old maps", "city trains",
-          "a lighthouse keeper", "winter birds"]
+TOPICS = [
+    "the sea",
+    "a small robot",
+    "bread baking",
+    "mountain weather",
+    "old maps",
+    "city trains",
+    "a lighthouse keeper",
+    "winter birds",
+]
 
 
 def _messages(i: int) -> list[dict]:
@@ -24,26 +33,37 @@ def _messages(i: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def edge(real_model_dir):
-    e = start_edge(real_model_dir, args=["--max-sessions", "16"])
+    e = start_edge(real_model_dir, args=["--max-sessions", "16", *ONE_THREAD])
     yield e
     assert e.stop() == 0
 
 
 def _agent(real_model_dir, edge, *args):
-    return start_agent(real_model_dir, edge.ready["grpc"], args=["--split", "15", "--codec", "f32", *args])
+    return start_agent(real_model_dir, edge.ready["grpc"], args=["--split", "15", "--codec", "f32", *ONE_THREAD, *args])
 
 
 def _chat(c: httpx.Client, messages, split, max_tokens=32, **kw) -> dict:
-    r = c.post("/v1/chat/completions", json={"model": "smollm2-135m-instruct", "messages": messages, "max_tokens": max_tokens,
-                                             "temperature": 0, "split": split, "codec": "f32", **kw})
+    r = c.post(
+        "/v1/chat/completions",
+        json={
+            "model": "smollm2-135m-instruct",
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "split": split,
+            "codec": "f32",
+            **kw,
+        },
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def _batch_stats(edge) -> tuple[float, float]:
     text = httpx.get(edge.ready["ops"] + "/metrics", timeout=5).text
-    vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("coinfer_batch_size_")}
+    vals = {
+        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("coinfer_batch_size_")
+    }
     return vals.get("coinfer_batch_size_sum", 0.0), vals.get("coinfer_batch_size_count", 0.0)
 
 
@@ -77,18 +97,22 @@ def test_second_chat_turn_sends_only_its_new_tokens(real_model_dir, edge):
     agent = _agent(real_model_dir, edge)
     try:
         with httpx.Client(base_url=agent.ready["http"], timeout=300) as c:
-            turn1 = [{"role": "system", "content": "You are a concise assistant for a museum of old maps. " * 4},
-                     {"role": "user", "content": "What is a portolan chart?"}]
+            turn1 = [
+                {"role": "system", "content": "You are a concise assistant for a museum of old maps. " * 4},
+                {"role": "user", "content": "What is a portolan chart?"},
+            ]
             r1 = _chat(c, turn1, 15)
             answer = r1["choices"][0]["message"]["content"]
-            turn2 = turn1 + [{"role": "assistant", "content": answer},
-                             {"role": "user", "content": "Who used them?"}]
+            turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Who used them?"}]
             r2 = _chat(c, turn2, 15)
     finally:
         agent.stop()
     ids2 = tok.encode_chat(turn2)
     cached = r2["coinfer"]["cached_tokens"]
-    assert cached >= len(tok.encode_chat(turn1)) // 16 * 16 and r2["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+    assert (
+        cached >= len(tok.encode_chat(turn1)) // 16 * 16
+        and r2["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+    )
     per_token = r1["coinfer"]["prefill_bytes_up"] / r1["usage"]["prompt_tokens"]
     assert r2["coinfer"]["prefill_bytes_up"] < (len(ids2) - cached + 2) * per_token
     expected = greedy_reference(real_model_dir, ids2, 32, tok.eos_token_ids)  # f32: exact, reuse or not
@@ -97,7 +121,9 @@ def test_second_chat_turn_sends_only_its_new_tokens(real_model_dir, edge):
 
 def test_budget_for_two_sessions_serves_six(real_model_dir):
     per_session = 2 * 15 * 3 * 64 * 4 * 64  # k, v x 15 tail layers x 3 KV heads x 64 dims x f32 x 64 positions
-    e = start_edge(real_model_dir, args=["--kv-budget-bytes", str(2 * per_session), "--kv-chunk-tokens", "64"])
+    e = start_edge(
+        real_model_dir, args=["--kv-budget-bytes", str(2 * per_session), "--kv-chunk-tokens", "64", *ONE_THREAD]
+    )
     agent = _agent(real_model_dir, e, "--busy-wait-seconds", "120", "--replays", "8")
     try:
         with httpx.Client(base_url=agent.ready["http"], timeout=300) as c:
@@ -120,6 +146,7 @@ def test_budget_for_two_sessions_serves_six(real_model_dir):
         e.stop()
     assert together == solo
     assert sum(s["replays"] for s in stats) > 0
-    evictions = sum(float(line.split()[1]) for line in metrics.splitlines()
-                    if line.startswith("coinfer_kv_evictions_total"))
+    evictions = sum(
+        float(line.split()[1]) for line in metrics.splitlines() if line.startswith("coinfer_kv_evictions_total")
+    )
     assert evictions > 0

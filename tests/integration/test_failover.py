@@ -15,8 +15,11 @@ MESSAGES = [{"role": "user", "content": "Describe a lighthouse at night in four 
 
 
 def _serving(edges) -> list:
-    return [e for e in edges if e.proc.poll() is None and
-            httpx.get(e.ready["ops"] + "/v1/sessions", timeout=5).json()["sessions"]]
+    return [
+        e
+        for e in edges
+        if e.proc.poll() is None and httpx.get(e.ready["ops"] + "/v1/sessions", timeout=5).json()["sessions"]
+    ]
 
 
 def test_kill_the_serving_edge_mid_stream(real_model_dir):
@@ -24,8 +27,14 @@ def test_kill_the_serving_edge_mid_stream(real_model_dir):
     agent = start_agent(real_model_dir, ",".join(e.ready["grpc"] for e in edges), args=["--split", "15"])
     try:
         with httpx.Client(base_url=agent.ready["http"], timeout=300) as c:
-            body = {"model": "smollm2-135m-instruct", "messages": MESSAGES, "max_tokens": 48, "temperature": 0,
-                    "codec": "f32", "ignore_eos": True}
+            body = {
+                "model": "smollm2-135m-instruct",
+                "messages": MESSAGES,
+                "max_tokens": 48,
+                "temperature": 0,
+                "codec": "f32",
+                "ignore_eos": True,
+            }
             clean = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
             text, killed = [], None
             with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
@@ -43,8 +52,10 @@ def test_kill_the_serving_edge_mid_stream(real_model_dir):
             assert killed is not None
             assert "".join(text) == clean
             metrics = c.get("/metrics").text
-            assert any(line.startswith("coinfer_replays_total") and float(line.split()[1]) >= 1
-                       for line in metrics.splitlines())
+            assert any(
+                line.startswith("coinfer_replays_total") and float(line.split()[1]) >= 1
+                for line in metrics.splitlines()
+            )
     finally:
         agent.stop()
         for e in edges:

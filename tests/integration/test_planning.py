@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
@@ -12,8 +10,12 @@ from coinfer.tools.shaper import Shaper
 
 pytestmark = pytest.mark.integration
 N = 30
-MESSAGES = [{"role": "user", "content": "Write two sentences about rivers, lakes and the sea, and why people "
-                                        "like to live near water."}]
+MESSAGES = [
+    {
+        "role": "user",
+        "content": "Write two sentences about rivers, lakes and the sea, and why people like to live near water.",
+    }
+]
 RATE, RTT = 1e6, 0.040
 
 
@@ -46,8 +48,9 @@ def chat(api, **extra) -> dict:
     # reuse) and send almost nothing, and the estimator learns bandwidth from large transfers
     model = api.get("/v1/models").json()["data"][0]["id"]
     messages = [{"role": "user", "content": f"Question {next(_requests)}. {MESSAGES[0]['content']}"}]
-    r = api.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 12,
-                                               "temperature": 0, **extra})
+    r = api.post(
+        "/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 12, "temperature": 0, **extra}
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -63,7 +66,9 @@ def test_estimator_learns_the_shaped_link(shaped):
     assert link["rtt_seconds"] == pytest.approx(RTT, abs=0.010), link
     assert plan["edge"]["reachable"] and plan["edge"]["profile"]
     metrics = api.get("/metrics").text
-    assert "coinfer_link_rtt_seconds" in metrics and 'coinfer_link_bandwidth_bytes_per_second{direction="up"}' in metrics
+    assert (
+        "coinfer_link_rtt_seconds" in metrics and 'coinfer_link_bandwidth_bytes_per_second{direction="up"}' in metrics
+    )
 
 
 def test_plan_endpoint_explains_every_split(shaped):
@@ -103,6 +108,9 @@ def test_plan_follows_a_link_change(shaped):
     finally:
         shaper.set(rate_bits=RATE, delay=RTT / 2)
     assert slow["link"]["up_bytes_per_second"] < fast["link"]["up_bytes_per_second"] / 20
-    cost2 = lambda p: next(c for c in p["per_split"] if c["split"] == 2)["total_seconds"]
+
+    def cost2(p):
+        return next(c for c in p["per_split"] if c["split"] == 2)["total_seconds"]
+
     assert cost2(slow) > 5 * cost2(fast)
     assert slow["split"] in (0, N)  # the ends (same hardware here: which one is within profile noise)

@@ -21,23 +21,42 @@ import pytest
 
 from coinfer.tools.launcher import start_agent, start_edge
 from coinfer.tools.proxies import Proxy, ProxyMissing
+from tests.support.processes import ONE_THREAD
 
 pytestmark = pytest.mark.integration
-N, TOKENS = 12, 64
-TOPICS = ["a lighthouse", "a desert", "the ocean", "a library", "a forest", "a train station",
-          "a mountain", "a market", "a river", "a garden", "a harbor", "a castle"]
+N, TOKENS = 12, 40
+TOPICS = [
+    "a lighthouse",
+    "a desert",
+    "the ocean",
+    "a library",
+    "a forest",
+    "a train station",
+    "a mountain",
+    "a market",
+    "a river",
+    "a garden",
+    "a harbor",
+    "a castle",
+]
 
 
 def _body(i: int) -> dict:
-    return {"model": "smollm2-135m-instruct", "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True,
-            "stream": True, "codec": "f32", "split": 0 if i % 2 == 0 else 15,
-            "messages": [{"role": "user", "content": f"Describe {TOPICS[i]} in four sentences."}]}
+    return {
+        "model": "smollm2-135m-instruct",
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "codec": "f32",
+        "split": 0 if i % 2 == 0 else 15,
+        "messages": [{"role": "user", "content": f"Describe {TOPICS[i]} in four sentences."}],
+    }
 
 
 def _stream(base: str, i: int, out: dict, progress: list[int]) -> None:
     text, stats = [], {}
-    with httpx.Client(base_url=base, timeout=300) as c, c.stream("POST", "/v1/chat/completions",
-                                                                   json=_body(i)) as r:
+    with httpx.Client(base_url=base, timeout=300) as c, c.stream("POST", "/v1/chat/completions", json=_body(i)) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -80,8 +99,11 @@ def _metrics(edge) -> dict[str, float]:
 
 def _opened(edge) -> tuple[float, float, float]:
     m = _metrics(edge)
-    return (m.get('coinfer_sessions_opened_total{how="new"}', 0.0),
-            m.get('coinfer_sessions_opened_total{how="resumed"}', 0.0), m.get("coinfer_session_misses_total", 0.0))
+    return (
+        m.get('coinfer_sessions_opened_total{how="new"}', 0.0),
+        m.get('coinfer_sessions_opened_total{how="resumed"}', 0.0),
+        m.get("coinfer_session_misses_total", 0.0),
+    )
 
 
 def _live(edge) -> list[dict]:
@@ -92,7 +114,7 @@ def _live(edge) -> list[dict]:
 def _tier(model_dir, kind: str):
     """3 edge processes behind the proxy, a device agent that knows only the proxy:
     (agent URL, edges, replica addresses, the proxies started so far: a test may restart it)."""
-    edges = [start_edge(model_dir, args=["--torch-threads", "1"]) for _ in range(3)]
+    edges = [start_edge(model_dir, args=list(ONE_THREAD)) for _ in range(3)]
     replicas = [(e.ready["grpc"], e.ready["ops"]) for e in edges]
     proxies, agent = [], None
     try:
@@ -100,7 +122,7 @@ def _tier(model_dir, kind: str):
             proxies.append(Proxy(kind, replicas))
         except ProxyMissing as e:
             pytest.fail(f"{e}: `make test` installs it as root; the scale-out tests cannot run without it")
-        agent = start_agent(model_dir, proxies[0].address, args=["--replays", "3"])
+        agent = start_agent(model_dir, proxies[0].address, args=["--replays", "3", *ONE_THREAD])
         yield agent.ready["http"], edges, replicas, proxies
     finally:
         if agent is not None:
@@ -135,7 +157,7 @@ def test_sessions_stick_to_replicas_and_only_a_dead_replicas_sessions_replay(rea
         # every split-15 session broke (its edge waits for the device each step); a split-0 session
         # whose edge had already sent all its tokens did not
         assert resumes >= sum(1 for i in range(N) if _body(i)["split"]), resumes
-        assert sum(a[1] - b[1] for a, b in zip(after, before)) == resumes
+        assert sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) == resumes
         assert sum(a[2] for a in after) == 0  # no resume ever landed on a replica without its session
 
         # 3. kill -9 the replica with the most split-15 sessions (those cannot finish without their
@@ -145,8 +167,9 @@ def test_sessions_stick_to_replicas_and_only_a_dead_replicas_sessions_replay(rea
         def kill_one() -> None:
             live = [_live(e) for e in edges]
             i = max(range(3), key=lambda j: sum(x["split"] == 15 for x in live[j]))
-            victim.update(index=i, live=len(live[i]), stuck=sum(x["split"] == 15 for x in live[i]),
-                          opened=_opened(edges[i])[0])
+            victim.update(
+                index=i, live=len(live[i]), stuck=sum(x["split"] == 15 for x in live[i]), opened=_opened(edges[i])[0]
+            )
             edges[i].kill()
 
         before = [_opened(e) for e in edges]
@@ -175,12 +198,19 @@ def test_a_conversation_stays_on_the_replica_that_kept_its_prefix(real_model_dir
         with httpx.Client(base_url=base, timeout=300) as c:
             for i in range(6):
                 messages = [{"role": "user", "content": f"Describe {TOPICS[i]} in two sentences."}]
-                body = {"model": "smollm2-135m-instruct", "max_tokens": 24, "temperature": 0, "codec": "f32",
-                        "split": 15, "messages": messages}
+                body = {
+                    "model": "smollm2-135m-instruct",
+                    "max_tokens": 24,
+                    "temperature": 0,
+                    "codec": "f32",
+                    "split": 15,
+                    "messages": messages,
+                }
                 one = c.post("/v1/chat/completions", json={**body, "user": f"user-{i}"}).json()
                 messages += [one["choices"][0]["message"], {"role": "user", "content": "And at night?"}]
-                two = c.post("/v1/chat/completions", json={**body, "messages": messages},
-                             headers={"X-Session-Id": f"user-{i}"}).json()
+                two = c.post(
+                    "/v1/chat/completions", json={**body, "messages": messages}, headers={"X-Session-Id": f"user-{i}"}
+                ).json()
                 assert two["coinfer"]["edge_replica"] == one["coinfer"]["edge_replica"]
                 assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
                 used.add(one["coinfer"]["edge_replica"])

@@ -10,9 +10,9 @@ import grpc
 import httpx
 import pytest
 
-from coinfer.tools.launcher import start_agent, start_edge
 from coinfer.model.tokenizer import Tokenizer
 from coinfer.model.weights import read_fingerprint
+from coinfer.tools.launcher import start_agent, start_edge
 from coinfer.v1 import edge_pb2 as pb
 from tests.support.edge import open_msg, session, stub
 from tests.support.reference import greedy_reference, hidden_frame
@@ -58,14 +58,19 @@ def reference(real_model_dir) -> tuple[Tokenizer, list[int], list[int]]:
 @pytest.mark.parametrize("k", [0, 1, 15, 29, 30])
 def test_f32_greedy_equals_the_unsplit_model(api, model_id, reference, k):
     tok, ids, expected = reference
-    r = api.post("/v1/chat/completions", json={"model": model_id, "messages": MESSAGES, "max_tokens": 24,
-                                               "temperature": 0, "split": k, "codec": "f32"})
+    r = api.post(
+        "/v1/chat/completions",
+        json={"model": model_id, "messages": MESSAGES, "max_tokens": 24, "temperature": 0, "split": k, "codec": "f32"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["message"]["content"] == tok.decode(expected)
     usage = {k: body["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    assert usage == {"prompt_tokens": len(ids), "completion_tokens": len(expected),
-                     "total_tokens": len(ids) + len(expected)}
+    assert usage == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": len(expected),
+        "total_tokens": len(ids) + len(expected),
+    }
     ext = body["coinfer"]
     assert ext["split"] == k
     if k == 0:  # no per-token round trip: Open + Prefill up; Opened + tokens + Done down
@@ -77,8 +82,11 @@ def test_f32_greedy_equals_the_unsplit_model(api, model_id, reference, k):
 
 
 def test_httpx_streamed_chat(api, model_id):
-    with api.stream("POST", "/v1/chat/completions", json={"model": model_id, "messages": MESSAGES,
-                                                           "max_tokens": 20, "temperature": 0, "stream": True}) as s:
+    with api.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": model_id, "messages": MESSAGES, "max_tokens": 20, "temperature": 0, "stream": True},
+    ) as s:
         assert s.status_code == 200
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -95,8 +103,14 @@ def test_openai_client_plain_and_streamed(stack, model_id):
     plain = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=16, temperature=0)
     assert plain.choices[0].message.content and plain.usage.completion_tokens == 16
     assert plain.choices[0].finish_reason == "length"
-    stream = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=16, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model_id,
+        messages=MESSAGES,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == plain.choices[0].message.content
@@ -115,8 +129,11 @@ def test_openai_client_plain_and_streamed(stack, model_id):
     (b'{"model": "MODEL", "messages": [{"role": "user", "content": "' + b"word " * 9000 + b'"}]}', 400),
 ])  # fmt: skip
 def test_bad_requests_get_4xx_and_the_agent_keeps_serving(api, model_id, body, status):
-    r = api.post("/v1/chat/completions", content=body.replace(b"MODEL", model_id.encode()),
-                 headers={"content-type": "application/json"})
+    r = api.post(
+        "/v1/chat/completions",
+        content=body.replace(b"MODEL", model_id.encode()),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == status, r.text
     assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
     ok = api.post("/v1/chat/completions", json={"model": model_id, "messages": MESSAGES, "max_tokens": 2})
@@ -130,23 +147,38 @@ def test_grpc_abuse_of_the_edge_leaves_a_concurrent_session_unchanged(stack, rea
 
     def healthy():
         with stub(addr) as s:
-            replies = session(s, [open_msg(fp, 0, max_new=24, session_id="healthy", stop_ids=list(tok.eos_token_ids)),
-                                  pb.DeviceMessage(prefill=pb.Prefill(token_ids=ids))], timeout=120)
+            replies = session(
+                s,
+                [
+                    open_msg(fp, 0, max_new=24, session_id="healthy", stop_ids=list(tok.eos_token_ids)),
+                    pb.DeviceMessage(prefill=pb.Prefill(token_ids=ids)),
+                ],
+                timeout=120,
+            )
         result["ids"] = [r.token.id for r in replies if r.WhichOneof("kind") == "token"]
 
     t = threading.Thread(target=healthy)
     t.start()
     frame = hidden_frame(real_model_dir, ids, 10, "f16")
     cases = [
-        ([open_msg(fp, 10, "f16"), pb.DeviceMessage(prefill=pb.Prefill(frame=frame[:40] + b"\xff" * 64))],
-         grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            [open_msg(fp, 10, "f16"), pb.DeviceMessage(prefill=pb.Prefill(frame=frame[:40] + b"\xff" * 64))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         ([open_msg("sha256:0000", 10)], grpc.StatusCode.FAILED_PRECONDITION),
         ([open_msg(fp, 31)], grpc.StatusCode.INVALID_ARGUMENT),
         ([pb.DeviceMessage(step=pb.Step(frame=frame))], grpc.StatusCode.FAILED_PRECONDITION),
-        ([open_msg(fp, 12, "f16", max_new=1), pb.DeviceMessage(prefill=pb.Prefill(frame=frame))],  # any 576-d frame
-         None),
-        ([open_msg(fp, 12, "f16", max_new=5), pb.DeviceMessage(prefill=pb.Prefill(frame=frame))],  # half-closes early
-         "ends"),
+        (
+            [open_msg(fp, 12, "f16", max_new=1), pb.DeviceMessage(prefill=pb.Prefill(frame=frame))],  # any 576-d frame
+            None,
+        ),
+        (
+            [
+                open_msg(fp, 12, "f16", max_new=5),
+                pb.DeviceMessage(prefill=pb.Prefill(frame=frame)),
+            ],  # half-closes early
+            "ends",
+        ),
     ]
     with stub(addr) as s:
         for i, (messages, want) in enumerate(cases):
@@ -163,8 +195,15 @@ def test_grpc_abuse_of_the_edge_leaves_a_concurrent_session_unchanged(stack, rea
                 session(s, messages, timeout=60)
             assert e.value.code() == want, e.value.details()
         # a client that opens, prefills, and vanishes mid-stream
-        call = s.Generate(iter([open_msg(fp, 10, "f16", max_new=200, session_id="vanish"),
-                                pb.DeviceMessage(prefill=pb.Prefill(frame=frame))]), timeout=60)
+        call = s.Generate(
+            iter(
+                [
+                    open_msg(fp, 10, "f16", max_new=200, session_id="vanish"),
+                    pb.DeviceMessage(prefill=pb.Prefill(frame=frame)),
+                ]
+            ),
+            timeout=60,
+        )
         next(call), next(call)
         call.cancel()
     t.join(120)
@@ -185,8 +224,7 @@ def _edge_sessions_drain(edge, timeout: float = 10.0) -> bool:
 
 
 def test_rest_client_that_disconnects_mid_stream_frees_the_edge_session(stack, api, model_id):
-    body = {"model": model_id, "messages": MESSAGES, "max_tokens": 400, "ignore_eos": True, "stream": True,
-            "split": 15}
+    body = {"model": model_id, "messages": MESSAGES, "max_tokens": 400, "ignore_eos": True, "stream": True, "split": 15}
     with api.stream("POST", "/v1/chat/completions", json=body) as s:
         lines = s.iter_lines()
         got = [next(lines) for _ in range(6)]  # a few chunks, then hang up
@@ -206,15 +244,25 @@ def test_edge_ops_endpoints(stack):
         info = c.get("/v1/info").json()
         assert info["num_layers"] == N and info["hidden_size"] == 576 and info["fingerprint"].startswith("sha256:")
         metrics = c.get("/metrics").text
-    for name in ("coinfer_active_sessions", "coinfer_kv_cache_bytes", 'coinfer_wire_bytes_total{direction="in"}',
-                 "coinfer_split_layer_bucket", "coinfer_step_seconds_bucket", 'coinfer_sessions_total{outcome="ok"}'):
+    for name in (
+        "coinfer_active_sessions",
+        "coinfer_kv_cache_bytes",
+        'coinfer_wire_bytes_total{direction="in"}',
+        "coinfer_split_layer_bucket",
+        "coinfer_step_seconds_bucket",
+        'coinfer_sessions_total{outcome="ok"}',
+    ):
         assert name in metrics, name
 
 
 def test_device_metrics(api):
     text = api.get("/metrics").text
-    for name in ("coinfer_time_to_first_token_seconds_count", "coinfer_inter_token_latency_seconds_count",
-                 'coinfer_wire_bytes_total{direction="down"}', "coinfer_split_layer"):
+    for name in (
+        "coinfer_time_to_first_token_seconds_count",
+        "coinfer_inter_token_latency_seconds_count",
+        'coinfer_wire_bytes_total{direction="down"}',
+        "coinfer_split_layer",
+    ):
         assert name in text, name
     assert api.get("/readyz").json()["edge"]["status"] == "ok"
 
@@ -230,8 +278,12 @@ def test_coinfer_up_serves_and_stops_both_on_ctrl_c(real_model_dir):
     from pathlib import Path
 
     exe = Path(sys.executable).with_name("coinfer")
-    proc = subprocess.Popen([str(exe), "up", "--model", str(real_model_dir), "--port", "0", "--grpc-port", "0",
-                             "--ops-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(exe), "up", "--model", str(real_model_dir), "--port", "0", "--grpc-port", "0", "--ops-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, url = [], None
     deadline = time.monotonic() + 120
     try:
@@ -242,11 +294,16 @@ def test_coinfer_up_serves_and_stops_both_on_ctrl_c(real_model_dir):
             if "Ctrl-C stops both" in line or time.monotonic() > deadline:
                 break
         assert url, "".join(lines)
-        assert "curl " + url + "/v1/chat/completions" in "".join(lines) and "from openai import OpenAI" in "".join(lines)
+        assert "curl " + url + "/v1/chat/completions" in "".join(lines) and "from openai import OpenAI" in "".join(
+            lines
+        )
         pids = [int(p) for p in re.findall(r"READY pid=(\d+)", "".join(lines))]
         assert len(pids) == 2
-        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-            "model": real_model_dir.name, "messages": MESSAGES, "max_tokens": 4})
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            timeout=60,
+            json={"model": real_model_dir.name, "messages": MESSAGES, "max_tokens": 4},
+        )
         assert r.status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)

@@ -89,7 +89,9 @@ def test_chat_template_and_tokens_match_transformers(real_model_dir, tok):
     ref = AutoTokenizer.from_pretrained(str(real_model_dir))
     for chat in CHATS:
         for gen in (True, False):
-            assert tok.render_chat(chat, gen) == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+            assert tok.render_chat(chat, gen) == ref.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=gen
+            )
             ids = ref.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen)
             assert tok.encode_chat(chat, gen) == (ids if isinstance(ids, list) else ids["input_ids"])
     assert tok.encode(TEXT) == ref(TEXT)["input_ids"]

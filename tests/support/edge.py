@@ -16,7 +16,7 @@ from coinfer.v1 import edge_pb2_grpc
 
 
 @contextmanager
-def edge_server(model_dir: Path, **overrides) -> Iterator["EdgeServer"]:  # noqa: F821
+def edge_server(model_dir: Path, **overrides) -> Iterator[EdgeServer]:  # noqa: F821
     from edge_server.config import EdgeSettings
     from edge_server.server import EdgeServer
 
@@ -39,8 +39,16 @@ def stub(addr: str) -> Iterator[edge_pb2_grpc.EdgeInferenceStub]:
 
 
 def open_msg(fingerprint: str, split: int, codec_name: str = "f32", max_new: int = 8, **kw) -> pb.DeviceMessage:
-    return pb.DeviceMessage(open=pb.Open(session_id=kw.pop("session_id", "s-test"), fingerprint=fingerprint,
-                                         split=split, codec=codec_name, max_new_tokens=max_new, **kw))
+    return pb.DeviceMessage(
+        open=pb.Open(
+            session_id=kw.pop("session_id", "s-test"),
+            fingerprint=fingerprint,
+            split=split,
+            codec=codec_name,
+            max_new_tokens=max_new,
+            **kw,
+        )
+    )
 
 
 def session(s: edge_pb2_grpc.EdgeInferenceStub, messages: list[pb.DeviceMessage], timeout: float = 30) -> list:
@@ -61,6 +69,7 @@ def wait_sessions(srv, n: int, timeout: float = 5.0) -> bool:
 
 def hold_session(addr: str, fp: str, release: threading.Event) -> None:
     """Open one session and keep it open (no Prefill) until `release` (run it in a thread)."""
+
     def messages():
         yield open_msg(fp, 0, session_id="holder")
         release.wait(30)

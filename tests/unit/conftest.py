@@ -66,8 +66,10 @@ def _guarded(item: pytest.Item):
         patch.undo()
         if seen:  # also when the code under test swallowed the error, or failed in another way because of it
             what, where = seen[0]
-            pytest.fail(f"{item.nodeid} {what}: move it to tests/component (tests/README.md). Called from:\n"
-                        f"{where}", pytrace=False)
+            pytest.fail(
+                f"{item.nodeid} {what}: move it to tests/component (tests/README.md). Called from:\n{where}",
+                pytrace=False,
+            )
 
 
 @pytest.hookimpl(wrapper=True)

@@ -32,10 +32,20 @@ def test_chunked_upload_is_refused_as_soon_as_it_passes_the_limit(engine):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     asyncio.run(app(scope, receive, send))
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
     assert len(read) == 5  # 4 KiB fit, the fifth chunk passed the limit
@@ -45,12 +55,14 @@ def test_chunked_upload_is_refused_as_soon_as_it_passes_the_limit(engine):
 SECRET = "/srv/secret/token=hunter2"
 
 
-@pytest.mark.parametrize("code,status,shown", [
-    (grpc.StatusCode.INVALID_ARGUMENT, 400, True),  # the request's fault: the edge's words help the client
-    (grpc.StatusCode.UNAVAILABLE, 503, False),  # channel text: addresses of the edge
-    (grpc.StatusCode.UNKNOWN, 502, False),  # an edge handler's exception text
-])
+@pytest.mark.parametrize(
+    "code,status,shown",
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400, True),  # the request's fault: the edge's words help the client
+        (grpc.StatusCode.UNAVAILABLE, 503, False),  # channel text: addresses of the edge
+        (grpc.StatusCode.UNKNOWN, 502, False),  # an edge handler's exception text
+    ],
+)
 def test_edge_error_details_reach_the_client_only_when_the_request_caused_them(code, status, shown):
     err = from_edge(EdgeError(code, f"Exception calling application: {SECRET}"))
     assert err.status == status and (SECRET in err.message) == shown
-

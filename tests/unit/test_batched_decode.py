@@ -14,7 +14,7 @@ def _sessions(model, splits, lengths, seed=0):
     whole = load_slice_cached["whole"]
     out = []
     with torch.inference_mode():
-        for k, n in zip(splits, lengths):
+        for k, n in zip(splits, lengths, strict=True):
             ids = torch.randint(0, 96, (1, n + 1), generator=g)
             view = model.narrow(k, N)
             cache = view.new_cache(chunk=8)
@@ -76,10 +76,14 @@ def test_batched_greedy_runs_match_solo_runs_for_32_tokens(tail):
                 tokens_b[b].append(int(logits[b].argmax()))
                 k, cache, x = alone[b]
                 tokens_s[b].append(int(_solo(tail, k, cache, x).argmax()))
-            batched = [(k, c, _next_input(whole, k, t[-1], head_caches, ("b", b)))
-                       for b, ((k, c, _), t) in enumerate(zip(batched, tokens_b))]
-            alone = [(k, c, _next_input(whole, k, t[-1], head_caches, ("s", b)))
-                     for b, ((k, c, _), t) in enumerate(zip(alone, tokens_s))]
+            batched = [
+                (k, c, _next_input(whole, k, t[-1], head_caches, ("b", b)))
+                for b, ((k, c, _), t) in enumerate(zip(batched, tokens_b, strict=True))
+            ]
+            alone = [
+                (k, c, _next_input(whole, k, t[-1], head_caches, ("s", b)))
+                for b, ((k, c, _), t) in enumerate(zip(alone, tokens_s, strict=True))
+            ]
     assert tokens_b == tokens_s
 
 

@@ -135,8 +135,10 @@ def test_uq_escape_count_over_numel_is_refused():
 
 
 def _f32(values: np.ndarray) -> bytes:
-    return rebuild([2, "f32", list(values.shape), None, None],
-                   zstandard.ZstdCompressor().compress(values.astype(np.float32).tobytes()))
+    return rebuild(
+        [2, "f32", list(values.shape), None, None],
+        zstandard.ZstdCompressor().compress(values.astype(np.float32).tobytes()),
+    )
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -30,6 +30,7 @@ def test_failed_compile_leaves_the_model_eager(tiny_dir, monkeypatch):
     def broken(fn, **kwargs):
         def run(*args):
             raise RuntimeError("InductorError: no C++ compiler found")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
@@ -37,4 +38,3 @@ def test_failed_compile_leaves_the_model_eager(tiny_dir, monkeypatch):
     assert compile_decode(m) is None and not m.compiled
     ref = load_slice(tiny_dir)
     assert [t for t, _ in generate(model_step(m), PROMPT, 8)] == [t for t, _ in generate(model_step(ref), PROMPT, 8)]
-

@@ -51,7 +51,7 @@ def test_every_manifest_is_a_known_kind_with_a_name():
 
 
 def test_containers_run_our_image_with_real_flags_ports_and_probes():
-    for name, dep in _pod_specs().items():
+    for dep in _pod_specs().values():
         template = dep["spec"]["template"]
         assert dep["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
         for c in template["spec"]["containers"]:
@@ -83,8 +83,11 @@ def test_containers_run_our_image_with_real_flags_ports_and_probes():
 def test_services_select_pods_and_name_their_ports():
     deps = _pod_specs()
     for svc in (d for d in _docs() if d["kind"] == "Service"):
-        matches = [d for d in deps.values()
-                   if svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        matches = [
+            d
+            for d in deps.values()
+            if svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(matches) == 1, svc["metadata"]["name"]
         names = {p["name"] for c in matches[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= names
@@ -137,13 +140,14 @@ def test_ray_serve_config_points_at_our_application():
     from edge_server.config import EdgeSettings
 
     args = {k: v for k, v in app["args"].items() if k not in mod.APP_ARGS}
-    assert set(args) <= set(EdgeSettings.model_fields)  # every other arg is a real setting
+    assert set(args) <= set(EdgeSettings.flat_fields())  # every other arg is a real setting
     EdgeSettings(**args)
     assert app["args"]["auth_tokens_file"]  # tokens on in the shipped config
     assert not any(k.startswith("tls_") for k in app["args"])  # Ray's proxy cannot terminate TLS
     schema = pytest.importorskip("ray.serve.schema", reason="Ray Serve not installed: schema check skipped")
-    schema.ServeDeploySchema.model_validate(cfg) if hasattr(schema.ServeDeploySchema, "model_validate") \
-        else schema.ServeDeploySchema.parse_obj(cfg)
+    schema.ServeDeploySchema.model_validate(cfg) if hasattr(
+        schema.ServeDeploySchema, "model_validate"
+    ) else schema.ServeDeploySchema.parse_obj(cfg)
 
 
 # -- deployment defaults: Kubernetes -------------------------------------------------------------
@@ -188,9 +192,13 @@ def test_every_container_is_non_root_locked_down_and_limited():
     docs = _docs()
     assert len(list(_containers(docs))) == 3
     assert _hardening_problems(docs) == []
-    for path, value in ((("securityContext", "runAsNonRoot"), False), (("securityContext", "allowPrivilegeEscalation"), True),
-                        (("resources", "limits", "cpu"), None), (("resources", "limits", "memory"), None),
-                        (("securityContext", "capabilities"), None)):
+    for path, value in (
+        (("securityContext", "runAsNonRoot"), False),
+        (("securityContext", "allowPrivilegeEscalation"), True),
+        (("resources", "limits", "cpu"), None),
+        (("resources", "limits", "memory"), None),
+        (("securityContext", "capabilities"), None),
+    ):
         for i in range(3):  # each container, each field: removing it is caught
             mutated = copy.deepcopy(docs)
             c = list(_containers(mutated))[i][1]
@@ -206,7 +214,7 @@ def test_every_container_is_non_root_locked_down_and_limited():
 
 def test_image_user_and_writable_paths_match_the_manifests():
     uid = _dockerfile_user(_dockerfile())
-    for dep, c in _containers(_docs()):
+    for _, c in _containers(_docs()):
         if c["image"] == IMAGE:
             assert c["securityContext"]["runAsUser"] == int(uid.split(":")[0])
             # the cost-profile cache (~/.cache of the image's user) is writable on a read-only root
@@ -215,20 +223,25 @@ def test_image_user_and_writable_paths_match_the_manifests():
 
 
 def _labels(docs: list[dict], name: str) -> dict:
-    return next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)[
-        "spec"]["template"]["metadata"]["labels"]
+    return next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)["spec"]["template"][
+        "metadata"
+    ]["labels"]
 
 
 def _selects(selector: dict, labels: dict) -> bool:
-    return bool(selector.get("matchLabels")) and selector["matchLabels"].items() <= labels.items() \
+    return (
+        bool(selector.get("matchLabels"))
+        and selector["matchLabels"].items() <= labels.items()
         and not selector.get("matchExpressions")
+    )
 
 
 def _network_problems(docs: list[dict]) -> list[str]:
     """A NetworkPolicy selects the edge pods; its ingress reaches the gRPC port only from the router pods."""
     edge, router = _labels(docs, EDGE), _labels(docs, ROUTER)
-    grpc_port = next(p for _, c in _containers(docs) if c["name"] == "edge-server" for p in c["ports"]
-                     if p["name"] == "grpc")
+    grpc_port = next(
+        p for _, c in _containers(docs) if c["name"] == "edge-server" for p in c["ports"] if p["name"] == "grpc"
+    )
     policies = [d for d in docs if d["kind"] == "NetworkPolicy" and _selects(d["spec"]["podSelector"], edge)]
     if not policies:
         return ["no NetworkPolicy selects the edge pods"]
@@ -240,14 +253,17 @@ def _network_problems(docs: list[dict]) -> list[str]:
             ports = rule.get("ports")  # absent: every port
             if ports is None:
                 problems.append(f"{pol['metadata']['name']}: a rule opens every port: {rule}")
-            elif not any(p.get("port") in (grpc_port["containerPort"], grpc_port["name"])
-                                             for p in ports):
+            elif not any(p.get("port") in (grpc_port["containerPort"], grpc_port["name"]) for p in ports):
                 continue
             grpc_rules += 1
             peers = rule.get("from")  # absent: every source
-            if not peers or any(set(peer) != {"podSelector"} or not _selects(peer["podSelector"], router)
-                                or _selects(peer["podSelector"], edge) or _selects(peer["podSelector"], _labels(docs, AGENT))
-                                for peer in peers):
+            if not peers or any(
+                set(peer) != {"podSelector"}
+                or not _selects(peer["podSelector"], router)
+                or _selects(peer["podSelector"], edge)
+                or _selects(peer["podSelector"], _labels(docs, AGENT))
+                for peer in peers
+            ):
                 problems.append(f"{pol['metadata']['name']}: the gRPC port is open to more than the router: {rule}")
     if not grpc_rules:
         problems.append("no ingress rule lets the router reach the gRPC port")
@@ -263,7 +279,9 @@ def test_only_the_router_reaches_the_edges_grpc_port():
         lambda ds: pol(ds)["spec"]["ingress"][0].pop("from"),
         lambda ds: pol(ds)["spec"]["ingress"][0].pop("ports"),
         lambda ds: pol(ds)["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}}),
-        lambda ds: pol(ds)["spec"]["ingress"][0]["from"][0]["podSelector"].update(matchLabels={"app.kubernetes.io/part-of": "coinfer"}),
+        lambda ds: pol(ds)["spec"]["ingress"][0]["from"][0]["podSelector"].update(
+            matchLabels={"app.kubernetes.io/part-of": "coinfer"}
+        ),
         lambda ds: pol(ds)["spec"]["ingress"][1]["ports"].append({"protocol": "TCP", "port": 50051}),
         lambda ds: pol(ds)["spec"].update(ingress=[{}]),
     ]
@@ -296,7 +314,10 @@ def _secret_value(docs: list[dict], ref: tuple[str, str]) -> str | None:
 def _token_problems(docs: list[dict]) -> list[str]:
     """The edges read COINFER_AUTH_TOKENS from a Secret, the agent its COINFER_EDGE_TOKEN, which the edges accept."""
     containers = dict((dep, c) for dep, c in _containers(docs))
-    edge_ref, agent_ref = _secret_ref(containers[EDGE], "COINFER_AUTH_TOKENS"), _secret_ref(containers[AGENT], "COINFER_EDGE_TOKEN")
+    edge_ref, agent_ref = (
+        _secret_ref(containers[EDGE], "COINFER_AUTH_TOKENS"),
+        _secret_ref(containers[AGENT], "COINFER_EDGE_TOKEN"),
+    )
     if edge_ref is None or agent_ref is None:
         return [f"not from a Secret: edge {edge_ref}, agent {agent_ref}"]
     accepted, own = _secret_value(docs, edge_ref), _secret_value(docs, agent_ref)
@@ -419,16 +440,20 @@ def test_compose_edges_require_per_device_tokens():
     for var in ("COINFER_AGENT_TOKEN", "COINFER_SCALE_OUT_AGENT_TOKEN"):  # the example's variables are the ones used
         assert example[var] in resolved["edge-1"]["environment"]["COINFER_AUTH_TOKENS"].split(",")
     assert "COINFER_PUBLISH_ADDR" in example and "compose.env.example" in (REPO / "docker-compose.yml").read_text()
-    for mutate in (lambda s: s["edge-server"]["environment"].pop("COINFER_AUTH_TOKENS"),
-                   lambda s: s["device-agent"]["environment"].pop("COINFER_EDGE_TOKEN"),
-                   lambda s: s["device-agent-scale-out"]["environment"].update(
-                       COINFER_EDGE_TOKEN=s["device-agent"]["environment"]["COINFER_EDGE_TOKEN"])):
+    for mutate in (
+        lambda s: s["edge-server"]["environment"].pop("COINFER_AUTH_TOKENS"),
+        lambda s: s["device-agent"]["environment"].pop("COINFER_EDGE_TOKEN"),
+        lambda s: s["device-agent-scale-out"]["environment"].update(
+            COINFER_EDGE_TOKEN=s["device-agent"]["environment"]["COINFER_EDGE_TOKEN"]
+        ),
+    ):
         mutated = copy.deepcopy(services)
         mutate(mutated)
         assert _compose_token_problems(mutated, {}), mutate
 
 
 # -- deployment defaults: the image --------------------------------------------------------------
+
 
 def _dockerfile() -> str:
     return (REPO / "Dockerfile").read_text()
@@ -477,6 +502,7 @@ def test_the_container_runs_as_a_non_root_user_created_in_the_image():
 
 # -- deployment defaults: proxy connection limits -------------------------------------------------
 
+
 def _nginx_limit_problems(text: str) -> list[str]:
     problems = []
     zone = re.search(r"limit_conn_zone\s+\$binary_remote_addr\s+zone=(\w+):\w+;", text)
@@ -499,8 +525,11 @@ def test_nginx_configs_limit_connections_per_client_address():
     for text in ((REPO / "deploy" / "nginx" / "nginx.conf").read_text(), router):
         assert _nginx_limit_problems(text) == []
         assert "user " not in re.sub(r"#.*", "", text).split("events")[0]  # runs as whoever starts it (tests: root)
-        for drop in (r"(?m)^\s*limit_conn \w+ \d+;\n", r"(?m)^\s*limit_conn_zone [^\n]*\n",
-                     r"(?m)^\s*http2_max_concurrent_streams [^\n]*\n"):
+        for drop in (
+            r"(?m)^\s*limit_conn \w+ \d+;\n",
+            r"(?m)^\s*limit_conn_zone [^\n]*\n",
+            r"(?m)^\s*http2_max_concurrent_streams [^\n]*\n",
+        ):
             assert _nginx_limit_problems(re.sub(drop, "", text)), drop
 
 
@@ -517,12 +546,21 @@ def _haproxy_limit_problems(text: str) -> list[str]:
     problems = []
     if not any(re.match(r"maxconn \d+$", ln) for ln in sections.get("global", [])):
         problems.append("no global maxconn")
-    servers = [ln for name, lines in sections.items() if name.startswith("backend") for ln in lines
-               if ln.startswith("server ")]
-    defaults = [ln for name, lines in sections.items() if name.startswith("backend") for ln in lines
-                if ln.startswith("default-server ")]
-    if not servers or not all(re.search(r"\bmaxconn \d+", ln) for ln in servers) and \
-            not any(re.search(r"\bmaxconn \d+", ln) for ln in defaults):
+    servers = [
+        ln for name, lines in sections.items() if name.startswith("backend") for ln in lines if ln.startswith("server ")
+    ]
+    defaults = [
+        ln
+        for name, lines in sections.items()
+        if name.startswith("backend")
+        for ln in lines
+        if ln.startswith("default-server ")
+    ]
+    if (
+        not servers
+        or not all(re.search(r"\bmaxconn \d+", ln) for ln in servers)
+        and not any(re.search(r"\bmaxconn \d+", ln) for ln in defaults)
+    ):
         problems.append("no maxconn per server")
     return problems
 
@@ -536,6 +574,7 @@ def test_haproxy_limits_connections_globally_and_per_server():
 
 
 # -- the Ray Serve path: same token auth, no TLS pretence (its bridge runs in tests/component) ------
+
 
 def test_ray_token_check_is_the_plain_servers_rule():
     check = ray_serve.TokenCheck(["tok-a", "tok-b"])
@@ -567,7 +606,7 @@ def test_ray_context_cancel_ends_the_requests_and_runs_the_callbacks_once():
     ctx = ray_serve.RayContext(FakeRayContext(), inbox)
     ran: list[int] = []
     assert ctx.add_callback(lambda: ran.append(1))
-    getattr(ctx, "cancel")()  # what the servicer calls to end a stream (resume elsewhere, deadline)
+    ctx.cancel()  # what the servicer calls to end a stream (resume elsewhere, deadline)
     ctx.ended()
     assert ran == [1] and list(inbox) == [] and not ctx.add_callback(lambda: ran.append(2))
 
@@ -588,8 +627,9 @@ def _cap_problems(k8s_env: dict, compose_env: dict, ray_args: dict) -> list[str]
     problems = []
     for where, env in (("kubernetes", k8s_env), ("compose", compose_env)):
         problems += [f"{where}: {v} missing or 0" for v in PER_CLIENT if not int(env.get(v) or 0)]
-    problems += [f"ray: {k} missing" for k in ("max_sessions_per_client", "max_streams_per_client")
-                 if not ray_args.get(k)]
+    problems += [
+        f"ray: {k} missing" for k in ("max_sessions_per_client", "max_streams_per_client") if not ray_args.get(k)
+    ]
     if str(k8s_env.get("COINFER_OPS_AUTH", "true")).lower() != "false":
         problems.append("kubernetes: /metrics would need a device token (the scrape and the HPA break)")
     return problems
@@ -600,8 +640,12 @@ def test_per_client_caps_in_every_config_and_kubernetes_scrapes_without_a_token(
     compose = load_compose()["services"]["edge-server"]["environment"]
     ray = yaml.safe_load((REPO / "deploy" / "ray" / "serve_config.yaml").read_text())["applications"][0]["args"]
     assert _cap_problems(k8s, compose, ray) == []
-    for drop in (lambda k, c, r: k.pop("COINFER_OPS_AUTH"), lambda k, c, r: c.pop(PER_CLIENT[0]),
-                 lambda k, c, r: k.pop(PER_CLIENT[1]), lambda k, c, r: r.pop("max_streams_per_client")):
+    for drop in (
+        lambda k, c, r: k.pop("COINFER_OPS_AUTH"),
+        lambda k, c, r: c.pop(PER_CLIENT[0]),
+        lambda k, c, r: k.pop(PER_CLIENT[1]),
+        lambda k, c, r: r.pop("max_streams_per_client"),
+    ):
         k2, c2, r2 = dict(k8s), dict(compose), dict(ray)
         drop(k2, c2, r2)
         assert _cap_problems(k2, c2, r2), drop

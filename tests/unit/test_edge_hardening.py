@@ -18,13 +18,16 @@ from tests.support.kv_store import PER_CHUNK, fill, tail_session
 NOP = lambda: None  # noqa: E731
 
 
-@pytest.mark.parametrize("deadline, expired, now, late", [
-    (None, "", 100.0, False),  # not waiting for its device
-    (100.0, "", 99.9, False),  # waiting, within its deadline
-    (100.0, "", 100.0, True),  # due
-    (50.0, "", 100.0, True),
-    (50.0, "already ended", 100.0, False),  # cancelled once is enough
-])
+@pytest.mark.parametrize(
+    "deadline, expired, now, late",
+    [
+        (None, "", 100.0, False),  # not waiting for its device
+        (100.0, "", 99.9, False),  # waiting, within its deadline
+        (100.0, "", 100.0, True),  # due
+        (50.0, "", 100.0, True),
+        (50.0, "already ended", 100.0, False),  # cancelled once is enough
+    ],
+)
 def test_overdue_streams(deadline, expired, now, late):
     w = Watched(NOP, deadline, expired)
     assert (overdue([w], now) == [w]) is late
@@ -96,10 +99,13 @@ def test_a_bearer_names_the_client_only_where_tokens_are_checked():
     assert security.identity(ctx, tokens_required=False) == "peer:ipv4:127.0.0.1"
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"auth_tokens": "REPLACE-ME-agent-token,abc"}, "placeholder"),
-    ({"max_streams": 48, "workers": 48}, "below workers"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"auth_tokens": "REPLACE-ME-agent-token,abc"}, "placeholder"),
+        ({"max_streams": 48, "workers": 48}, "below workers"),
+    ],
+)
 def test_unsafe_settings_are_refused(settings, message):
     with pytest.raises(ValidationError) as e:
         EdgeSettings(**settings)

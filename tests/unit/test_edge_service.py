@@ -16,4 +16,3 @@ def test_load_tracker_reports_recent_queue_and_busy_share():
     assert t.snapshot(now=101.5) == pytest.approx((0.2, 0.5))
     assert t.snapshot(now=102.5) == pytest.approx((0.1, 0.25))  # the first item left the window
     assert t.snapshot(now=110.0) == (0.0, 0.0)  # idle: no queue
-

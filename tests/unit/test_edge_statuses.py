@@ -54,4 +54,3 @@ def test_store_metrics_are_read_at_scrape_time():
     assert value("coinfer_kv_budget_bytes") == 1 << 20
     store.stats.prefix_hits += 1  # no bookkeeping in between: the next scrape sees it
     assert value("coinfer_prefix_hits_total") == 3
-

@@ -9,8 +9,8 @@ import types
 import grpc
 import pytest
 
-from device_agent.edge import session_runner as remote
 from device_agent.config import AgentSettings
+from device_agent.edge import session_runner as remote
 from device_agent.edge.client import EdgeError
 from device_agent.generate import GenerationRequest, RunStats
 from device_agent.metrics import AgentMetrics
@@ -52,7 +52,9 @@ def test_all_edges_full_waits_the_busy_budget_then_gives_up_or_finishes_here(mon
     monkeypatch.setattr(remote, "time", clock)
     settings = AgentSettings(prefix_reuse=False, busy_wait_seconds=3.0, edge="")
     head = types.SimpleNamespace(fingerprint="fp", holds_all_layers=holds_all)
-    runner = remote.EdgeRunner(settings, head, pool, None, AgentMetrics())
+    runner = remote.EdgeRunner(
+        settings.resilience, settings.prefix, settings.connection.max_message_bytes, head, pool, None, AgentMetrics()
+    )
     stats = RunStats(0, "token_ids", "requested")
     local = lambda history, max_new: iter([(7, 0.0, "length")])  # noqa: E731
     source = runner.tokens(GenerationRequest([1, 2, 3], 4), 0, "f32", frozenset(), stats, local)
@@ -66,4 +68,3 @@ def test_all_edges_full_waits_the_busy_budget_then_gives_up_or_finishes_here(mon
     assert waits >= 1 and pool.opens <= 3 * (1 + waits)
     assert 3.0 - 1e-9 <= sum(clock.slept) <= 3.0 + 1.0
     assert stats.busy_retries == pool.opens - 1 and stats.replays == 0
-

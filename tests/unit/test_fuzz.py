@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coinfer.codec import CODECS, CodecError, decode, frame_token_count
-from tests.support.frames import D, FRAMES
+from tests.support.frames import FRAMES, D
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
@@ -27,9 +27,12 @@ def test_random_bytes_only_raise_codec_error(data):
 
 
 @settings(max_examples=600, deadline=None, derandomize=True)
-@given(st.sampled_from(sorted(CODECS)), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
-                                                 min_size=1, max_size=6),
-       st.integers(0, 10_000), st.binary(max_size=16))
+@given(
+    st.sampled_from(sorted(CODECS)),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+    st.integers(0, 10_000),
+    st.binary(max_size=16),
+)
 def test_mutated_frames_only_raise_codec_error(name, edits, cut, tail):
     frame = bytearray(FRAMES[name])
     for pos, value in edits:
@@ -42,8 +45,13 @@ def test_mutated_frames_only_raise_codec_error(name, edits, cut, tail):
     assert torch.isfinite(y).all() and y.shape[-1] == D
 
 
-_DIM = st.one_of(st.integers(-2, 70), st.sampled_from([D, 2**26, 2**31, 2**32, 2**40, 2**63 - 1, 2**64 - 1]),
-                 st.booleans(), st.floats(allow_nan=True), st.none())
+_DIM = st.one_of(
+    st.integers(-2, 70),
+    st.sampled_from([D, 2**26, 2**31, 2**32, 2**40, 2**63 - 1, 2**64 - 1]),
+    st.booleans(),
+    st.floats(allow_nan=True),
+    st.none(),
+)
 _VALUE = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
                                 st.text(max_size=8), st.binary(max_size=64)),
                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
@@ -52,9 +60,13 @@ _VALUE = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
-@given(st.sampled_from(sorted(CODECS) + ["int3"]), st.one_of(st.lists(_DIM, max_size=5), _VALUE),
-       st.one_of(st.binary(max_size=300), _VALUE), st.one_of(_VALUE, st.integers(-1, 10**12)),
-       st.sampled_from(sorted(FRAMES)))
+@given(
+    st.sampled_from(sorted(CODECS) + ["int3"]),
+    st.one_of(st.lists(_DIM, max_size=5), _VALUE),
+    st.one_of(st.binary(max_size=300), _VALUE),
+    st.one_of(_VALUE, st.integers(-1, 10**12)),
+    st.sampled_from(sorted(FRAMES)),
+)
 def test_structured_headers_only_raise_codec_error(name, shape, scales, aux, body_of):
     """Well-formed msgpack with hostile fields (wrapping shapes, unhashable aux, huge escape
     counts) reaches every check past parsing; decode and frame_token_count only raise CodecError."""

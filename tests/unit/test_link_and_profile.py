@@ -11,8 +11,9 @@ from coinfer.planning.link import LinkEstimator, probe_plan
 from coinfer.planning.partitioner import LinkEstimate
 
 
-def transfer(est: LinkEstimator, up: int, down: int, bw_up: float, bw_down: float, rtt: float, edge: float,
-             now: float) -> None:
+def transfer(
+    est: LinkEstimator, up: int, down: int, bw_up: float, bw_down: float, rtt: float, edge: float, now: float
+) -> None:
     est.observe(up, down, rtt + up / bw_up + down / bw_down + edge, edge, now=now)
 
 
@@ -118,8 +119,9 @@ def test_tail_profile_wire_form_and_slowdown(tiny_dir):
     q = profiles.from_pb(profiles.to_pb(p))
     assert q.layer_decode == pytest.approx(p.layer_decode) and q.decode(2, 6) == pytest.approx(p.decode(2, 6))
     slow = p.slowed(4.0)
-    assert slow.decode(2, 6) == pytest.approx(4 * p.decode(2, 6)) and slow.slowed(4.0).decode(2, 6) == \
-        pytest.approx(slow.decode(2, 6))
+    assert slow.decode(2, 6) == pytest.approx(4 * p.decode(2, 6)) and slow.slowed(4.0).decode(2, 6) == pytest.approx(
+        slow.decode(2, 6)
+    )
     bad = profiles.to_pb(p)
     del bad.layer_decode_seconds[0]
     with pytest.raises(ValueError, match="decode entries"):
@@ -133,12 +135,12 @@ def test_line_fit():
 
 
 def test_planner_learns_only_from_exchanges_that_had_the_link_alone():
-    from device_agent.config import AgentSettings
+    from coinfer.planning.settings import EnergySettings, PlannerSettings
     from device_agent.edge.client import Exchange
     from device_agent.planning import Planner
     from tests.support.profiles import profile
 
-    p = Planner(AgentSettings(edge=""), profile(), None)
+    p = Planner(PlannerSettings(), EnergySettings(), profile(), None)
     q = p.quiet(0)
     p.observe(Exchange(100, 100, 0.05), q)
     assert p.link.snapshot()["samples"]["up"] == 1

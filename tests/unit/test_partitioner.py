@@ -66,8 +66,13 @@ def test_no_edge_means_device_only():
 
 def test_busy_edge_makes_device_layers_cheap():
     idle = part.plan(profile(layer_decode=4e-3, per_token=1.6e-4, head=1.6e-2), EDGE, link(20, 5), 128, 32)
-    busy = part.plan(profile(layer_decode=4e-3, per_token=1.6e-4, head=1.6e-2), part.EdgeView(EDGE.profile, 0.5),
-                     link(20, 5), 128, 32)
+    busy = part.plan(
+        profile(layer_decode=4e-3, per_token=1.6e-4, head=1.6e-2),
+        part.EdgeView(EDGE.profile, 0.5),
+        link(20, 5),
+        128,
+        32,
+    )
     assert idle.split == 0  # a 4x slower device offloads to an idle edge
     assert busy.split == N  # 0.5 s per edge work item: the device alone is faster
 
@@ -113,11 +118,23 @@ def test_accuracy_budget_is_never_broken(mbit, budget):
 def test_accuracy_budget_moves_a_thin_link_off_the_cheap_codec():
     edge = part.EdgeView(profile(layer_decode=2e-4, per_token=8e-6))
     device = profile(layer_decode=5e-3)  # a slow device: keep few layers
-    free = part.plan(device, edge, link(0.5, 20), 128, 32, part.Constraints(
-        min_device_layers=14, codecs=("f16", "int8"), agreement=AGREEMENT))
+    free = part.plan(
+        device,
+        edge,
+        link(0.5, 20),
+        128,
+        32,
+        part.Constraints(min_device_layers=14, codecs=("f16", "int8"), agreement=AGREEMENT),
+    )
     assert free.codec == "int8" and free.split == 14
-    strict = part.plan(device, edge, link(0.5, 20), 128, 32, part.Constraints(
-        min_device_layers=14, codecs=("f16", "int8"), min_agreement=0.99, agreement=AGREEMENT))
+    strict = part.plan(
+        device,
+        edge,
+        link(0.5, 20),
+        128,
+        32,
+        part.Constraints(min_device_layers=14, codecs=("f16", "int8"), min_agreement=0.99, agreement=AGREEMENT),
+    )
     assert strict.codec != "int8" or strict.split < 12
 
 
@@ -126,8 +143,14 @@ def test_accuracy_budget_without_a_table_keeps_only_f32():
     assert c.accurate_enough("f32", 5) and not c.accurate_enough("f16", 5)
     edge = part.EdgeView(profile(layer_decode=1e-4, per_token=4e-6, head=4e-4))
     with pytest.raises(part.PlanError, match="min_agreement"):
-        part.plan(DEVICE, edge, link(10), 64, 8, part.Constraints(min_device_layers=3, max_device_layers=10,
-                                                                 codecs=("int8",), min_agreement=0.99))
+        part.plan(
+            DEVICE,
+            edge,
+            link(10),
+            64,
+            8,
+            part.Constraints(min_device_layers=3, max_device_layers=10, codecs=("int8",), min_agreement=0.99),
+        )
 
 
 def test_a_prefix_the_edge_still_holds_makes_its_split_cheap():
@@ -138,11 +161,15 @@ def test_a_prefix_the_edge_still_holds_makes_its_split_cheap():
     cold = part.plan(device, edge, link(0.5, 20), 512, 32, c)
     warm = part.plan(device, edge, link(0.5, 20), 512, 32, c, cached={15: 496})
     assert cold.split != 15 and warm.split == 15
-    at15 = lambda p: next(x for x in p.candidates if x.split == 15)
+
+    def at15(p):
+        return next(x for x in p.candidates if x.split == 15)
+
     assert at15(warm).bytes_up < at15(cold).bytes_up / 10 and at15(warm).ttft < at15(cold).ttft / 5
     # other splits are priced as before
-    assert {x.split: x.total for x in cold.candidates if x.split != 15} == \
-        {x.split: x.total for x in warm.candidates if x.split != 15}
+    assert {x.split: x.total for x in cold.candidates if x.split != 15} == {
+        x.split: x.total for x in warm.candidates if x.split != 15
+    }
 
 
 def test_energy_objective_moves_the_cut():
@@ -151,8 +178,9 @@ def test_energy_objective_moves_the_cut():
     c = part.Constraints(min_device_layers=2)
     lat = part.plan(DEVICE, EDGE, lk, *req, c)
     radio = part.plan(DEVICE, EDGE, lk, *req, c, part.Objective("energy", tx_joules_per_byte=1e-3, compute_watts=0.5))
-    compute = part.plan(DEVICE, EDGE, lk, *req, c, part.Objective("energy", tx_joules_per_byte=1e-9,
-                                                                  compute_watts=20.0, idle_watts=0.0))
+    compute = part.plan(
+        DEVICE, EDGE, lk, *req, c, part.Objective("energy", tx_joules_per_byte=1e-9, compute_watts=20.0, idle_watts=0.0)
+    )
     assert radio.split == N
     assert compute.split == 2
     assert radio.best.energy <= min(x.energy for x in radio.candidates) + 1e-12
@@ -185,9 +213,32 @@ def test_coinfer_plan_cli_prints_a_table_and_draws_a_png(tiny_dir, tmp_path, cap
     from coinfer.cli import main
 
     png, out = tmp_path / "plan.png", tmp_path / "plan.json"
-    assert main(["plan", "--model", str(tiny_dir), "--bandwidth", "2mbit", "--rtt", "40ms", "--prompt-tokens", "16",
-                 "--max-tokens", "8", "--min-device-layers", "2", "--png", str(png), "--json", str(out),
-                 "--profile-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(tiny_dir),
+                "--bandwidth",
+                "2mbit",
+                "--rtt",
+                "40ms",
+                "--prompt-tokens",
+                "16",
+                "--max-tokens",
+                "8",
+                "--min-device-layers",
+                "2",
+                "--png",
+                str(png),
+                "--json",
+                str(out),
+                "--profile-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "<- chosen" in text and text.splitlines()[0].split()[:2] == ["split", "codec"]
     assert png.stat().st_size > 1000
@@ -198,7 +249,23 @@ def test_coinfer_plan_cli_prints_a_table_and_draws_a_png(tiny_dir, tmp_path, cap
     assert main(["plan", "--model", str(tiny_dir), "--bandwidth", "fast"]) == 2
     assert "cannot read a rate" in capsys.readouterr().err
     # an accuracy budget with no calibrated table in the dir: lossy codecs are out, only the ends remain
-    assert main(["plan", "--model", str(tiny_dir), "--codecs", "f16,int8", "--min-agreement", "0.99",
-                 "--json", str(out), "--profile-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(tiny_dir),
+                "--codecs",
+                "f16,int8",
+                "--min-agreement",
+                "0.99",
+                "--json",
+                str(out),
+                "--profile-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert {c["split"] for c in json.loads(out.read_text())["candidates"]} == {0, 6}
     assert main(["plan", "--model", str(tiny_dir), "--min-agreement", "2"]) == 2

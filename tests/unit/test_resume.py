@@ -11,15 +11,15 @@ import grpc
 import pytest
 
 from coinfer.v1 import edge_pb2 as pb
-from device_agent.edge import session_runner as remote
+from coinfer.wire import RESUME_TOKEN_BYTES as TOKEN_BYTES
 from device_agent.config import AgentSettings
+from device_agent.edge import session_runner as remote
 from device_agent.edge.client import EdgeError
 from device_agent.generate import GenerationRequest, RunStats
 from device_agent.metrics import AgentMetrics
-from coinfer.wire import RESUME_TOKEN_BYTES as TOKEN_BYTES
 from edge_server.sessions import SessionStore
-from tests.support.kv_store import PER_CHUNK, keep_finished, tail_session
 from tests.support.grpc_fakes import FakeRpcError
+from tests.support.kv_store import PER_CHUNK, keep_finished, tail_session
 
 
 def test_store_resumes_only_the_same_session_of_the_same_client_with_its_token_at_a_held_position():
@@ -28,8 +28,12 @@ def test_store_resumes_only_the_same_session_of_the_same_client_with_its_token_a
     with store.hold("s1", a := tail_session("s1")):
         a.owner, a.resume_token = "peer:one", token
         keep_finished(store, a, ids)
-    stranger, other_split, too_far, guess = (tail_session("s1"), tail_session("s1", split=2), tail_session("s1"),
-                                             tail_session("s1"))
+    stranger, other_split, too_far, guess = (
+        tail_session("s1"),
+        tail_session("s1", split=2),
+        tail_session("s1"),
+        tail_session("s1"),
+    )
     stranger.owner, other_split.owner, too_far.owner, guess.owner = "peer:two", "peer:one", "peer:one", "peer:one"
     assert not store.resume(stranger, 10, token) and not store.resume(other_split, 10, token)
     assert not store.resume(too_far, 41, token) and not store.resume(guess, 10, bytes(TOKEN_BYTES))
@@ -42,10 +46,13 @@ def test_store_resumes_only_the_same_session_of_the_same_client_with_its_token_a
     assert store.kept_count == 0 and store.stats.resumed == 1
 
 
-@pytest.mark.parametrize("code,details", [
-    (grpc.StatusCode.INTERNAL, "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))"),  # nginx
-    (grpc.StatusCode.UNKNOWN, "Stream removed (Data frame with END_STREAM flag received)"),  # HAProxy
-])
+@pytest.mark.parametrize(
+    "code,details",
+    [
+        (grpc.StatusCode.INTERNAL, "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))"),  # nginx
+        (grpc.StatusCode.UNKNOWN, "Stream removed (Data frame with END_STREAM flag received)"),  # HAProxy
+    ],
+)
 def test_a_stream_reset_by_a_proxy_counts_as_a_lost_session(code, details):
     e = EdgeError.from_rpc(FakeRpcError(code, details))
     assert e.code == grpc.StatusCode.UNAVAILABLE and e.retryable
@@ -55,8 +62,11 @@ def test_a_stream_reset_by_a_proxy_counts_as_a_lost_session(code, details):
 def test_the_edges_status_survives_a_proxy_that_resets_the_stream():
     # HAProxy answers an edge's NOT_FOUND as CANCELLED (RST_STREAM) but passes the trailing metadata on
     reset = "Stream removed (RST_STREAM (Received RST_STREAM with error code 8))"
-    e = EdgeError.from_rpc(FakeRpcError(grpc.StatusCode.CANCELLED, reset,
-                                   (("coinfer-status", "NOT_FOUND"), ("coinfer-replay", "session-missing"))))
+    e = EdgeError.from_rpc(
+        FakeRpcError(
+            grpc.StatusCode.CANCELLED, reset, (("coinfer-status", "NOT_FOUND"), ("coinfer-replay", "session-missing"))
+        )
+    )
     assert e.code == grpc.StatusCode.NOT_FOUND
     e = EdgeError.from_rpc(FakeRpcError(grpc.StatusCode.CANCELLED, reset, (("coinfer-status", "INVALID_ARGUMENT"),)))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and not e.retryable
@@ -102,23 +112,31 @@ class _Edge:
         if len(self.opens) == 1 and self.unreachable:
             raise EdgeError(grpc.StatusCode.UNAVAILABLE, "connection refused")
         if len(self.opens) == 1:
-            return _Stream([pb.Token(id=5), EdgeError(grpc.StatusCode.UNAVAILABLE, "reset")]), \
-                pb.Opened(session_id=msg.session_id, resume_token=b"first-secret")
-        return _Stream([pb.Token(id=6, finish_reason=pb.FINISH_REASON_LENGTH), pb.Done()]), \
-            pb.Opened(session_id=msg.session_id, cached_tokens=msg.resume_tokens, resumed=True,
-                      resume_token=b"second-secret")
+            return _Stream([pb.Token(id=5), EdgeError(grpc.StatusCode.UNAVAILABLE, "reset")]), pb.Opened(
+                session_id=msg.session_id, resume_token=b"first-secret"
+            )
+        return _Stream([pb.Token(id=6, finish_reason=pb.FINISH_REASON_LENGTH), pb.Done()]), pb.Opened(
+            session_id=msg.session_id, cached_tokens=msg.resume_tokens, resumed=True, resume_token=b"second-secret"
+        )
 
 
 def _run_fake(monkeypatch, edge: _Edge) -> tuple[list[int], RunStats]:
-    monkeypatch.setattr(remote, "time", types.SimpleNamespace(sleep=lambda s: None, monotonic=time.monotonic,
-                                                               perf_counter=time.perf_counter))
+    monkeypatch.setattr(
+        remote,
+        "time",
+        types.SimpleNamespace(sleep=lambda s: None, monotonic=time.monotonic, perf_counter=time.perf_counter),
+    )
     model = types.SimpleNamespace(precision="fp32")
     head = types.SimpleNamespace(fingerprint="fp", holds_all_layers=False, model=model)
     planner = types.SimpleNamespace(quiet=lambda n: 0.0, observe=lambda *a: None)
-    runner = remote.EdgeRunner(AgentSettings(edge=""), head, edge, planner, AgentMetrics())
+    s = AgentSettings(edge="")
+    runner = remote.EdgeRunner(
+        s.resilience, s.prefix, s.connection.max_message_bytes, head, edge, planner, AgentMetrics()
+    )
     stats = RunStats(0, "token_ids", "requested")
-    got = runner.tokens(GenerationRequest(list(range(20)), 2), 0, "token_ids", frozenset(), stats,
-                        lambda history, max_new: iter(()))
+    got = runner.tokens(
+        GenerationRequest(list(range(20)), 2), 0, "token_ids", frozenset(), stats, lambda history, max_new: iter(())
+    )
     return [t for t, _, _ in got], stats
 
 

@@ -9,8 +9,8 @@ import random
 import grpc
 import pytest
 
-from device_agent.edge import retry_policy as rp
 from device_agent.api.errors import from_edge
+from device_agent.edge import retry_policy as rp
 from device_agent.edge.client import EdgeError, MessageTooLarge
 from device_agent.edge.retry_policy import Action, AttemptState, Failure, Kind, decide
 
@@ -31,13 +31,24 @@ TABLE = {
     "CANCELLED": (Failure(C.CANCELLED), RESUME_LATER, FAIL_OVER, LOCAL),
     "DEADLINE_EXCEEDED": (Failure(C.DEADLINE_EXCEEDED), GIVE_UP, GIVE_UP, GIVE_UP),
     "ABORTED": (Failure(C.ABORTED), REPLAY_NOW, REPLAY_NOW, LOCAL),
-    "NOT_FOUND after a resume": (Failure(C.NOT_FOUND, resumed=True), (Kind.REPLAY, None, 0.0, False, False),
-                                 (Kind.REPLAY, None, 0.0, False, False), (Kind.REPLAY, None, 0.0, False, False)),
-    "NOT_FOUND": (Failure(C.NOT_FOUND), (Kind.REPLAY, None, BACKOFF_1, False, True),
-                  (Kind.REPLAY, None, BACKOFF_1, False, True), LOCAL),
-    "RESOURCE_EXHAUSTED busy": (Failure(C.RESOURCE_EXHAUSTED, retry_after=HINT),
-                                (Kind.WAIT, Kind.REPLAY, HINT, True, False),
-                                (Kind.FAIL_OVER, Kind.REPLAY, 0.0, True, False), LOCAL),
+    "NOT_FOUND after a resume": (
+        Failure(C.NOT_FOUND, resumed=True),
+        (Kind.REPLAY, None, 0.0, False, False),
+        (Kind.REPLAY, None, 0.0, False, False),
+        (Kind.REPLAY, None, 0.0, False, False),
+    ),
+    "NOT_FOUND": (
+        Failure(C.NOT_FOUND),
+        (Kind.REPLAY, None, BACKOFF_1, False, True),
+        (Kind.REPLAY, None, BACKOFF_1, False, True),
+        LOCAL,
+    ),
+    "RESOURCE_EXHAUSTED busy": (
+        Failure(C.RESOURCE_EXHAUSTED, retry_after=HINT),
+        (Kind.WAIT, Kind.REPLAY, HINT, True, False),
+        (Kind.FAIL_OVER, Kind.REPLAY, 0.0, True, False),
+        LOCAL,
+    ),
     "RESOURCE_EXHAUSTED too large": (Failure(C.RESOURCE_EXHAUSTED, too_large=True), TOO_LARGE, TOO_LARGE, TOO_LARGE),
     "INVALID_ARGUMENT": (Failure(C.INVALID_ARGUMENT), GIVE_UP, GIVE_UP, GIVE_UP),
     "FAILED_PRECONDITION": (Failure(C.FAILED_PRECONDITION), GIVE_UP, GIVE_UP, GIVE_UP),
@@ -48,13 +59,20 @@ TABLE = {
 
 
 def _state(pool: int, holds_all: bool, spent: bool, can_resume: bool = True) -> AttemptState:
-    return AttemptState(pool_size=pool, holds_all_layers=holds_all, can_resume=can_resume, replays_allowed=REPLAYS,
-                        busy_wait_seconds=BUDGET, idle_replays=REPLAYS if spent else 0,
-                        busy_since=NOW - BUDGET if spent else None)
+    return AttemptState(
+        pool_size=pool,
+        holds_all_layers=holds_all,
+        can_resume=can_resume,
+        replays_allowed=REPLAYS,
+        busy_wait_seconds=BUDGET,
+        idle_replays=REPLAYS if spent else 0,
+        busy_since=NOW - BUDGET if spent else None,
+    )
 
 
-@pytest.mark.parametrize("name,pool,holds_all,spent",
-                         list(itertools.product(TABLE, (1, 3), (True, False), (False, True))))
+@pytest.mark.parametrize(
+    "name,pool,holds_all,spent", list(itertools.product(TABLE, (1, 3), (True, False), (False, True)))
+)
 def test_every_status_pool_device_and_budget(name, pool, holds_all, spent):
     failure, one, many, when_spent = TABLE[name]
     failure = Failure(failure.code, NOW, failure.retry_after, failure.too_large, failure.resumed)
@@ -115,11 +133,15 @@ def test_a_zero_busy_budget_never_retries_a_full_edge():
     assert decide(Failure(C.RESOURCE_EXHAUSTED, NOW), state).kind is Kind.FINISH_LOCALLY
 
 
-def _all_edges_full(pool: int, hint: float | None, holds_all: bool, failover_works: bool,
-                    open_seconds: float) -> tuple[list[Action], int, float, float]:
+def _all_edges_full(
+    pool: int, hint: float | None, holds_all: bool, failover_works: bool, open_seconds: float
+) -> tuple[list[Action], int, float, float]:
     """Every edge answers RESOURCE_EXHAUSTED. Returns (actions, Opens, seconds waited, seconds elapsed)."""
-    rng, clock, state = random.Random(7), NOW, AttemptState(pool_size=pool, holds_all_layers=holds_all,
-                                                               busy_wait_seconds=BUDGET)
+    rng, clock, state = (
+        random.Random(7),
+        NOW,
+        AttemptState(pool_size=pool, holds_all_layers=holds_all, busy_wait_seconds=BUDGET),
+    )
     actions, opens, waited = [], 0, 0.0
     for _ in range(10_000):  # far beyond any bound below: a loop that never ends fails here, not hangs
         opens += 1
@@ -139,12 +161,22 @@ def _all_edges_full(pool: int, hint: float | None, holds_all: bool, failover_wor
     return actions, opens, waited, clock - NOW - open_seconds
 
 
-@pytest.mark.parametrize("pool,hint,holds_all,failover_works,open_seconds", [
-    (1, None, False, True, 0.0), (2, None, False, True, 0.0), (3, 0.3, True, True, 0.0),
-    (5, 0.0, False, True, 0.0), (3, 30.0, False, True, 0.0), (3, None, False, False, 0.0),
-    (4, 1.0, True, True, 0.2), (3, None, False, True, 5.0)])
-def test_all_edges_full_waits_out_the_budget_with_a_bounded_number_of_opens(pool, hint, holds_all, failover_works,
-                                                                          open_seconds):
+@pytest.mark.parametrize(
+    "pool,hint,holds_all,failover_works,open_seconds",
+    [
+        (1, None, False, True, 0.0),
+        (2, None, False, True, 0.0),
+        (3, 0.3, True, True, 0.0),
+        (5, 0.0, False, True, 0.0),
+        (3, 30.0, False, True, 0.0),
+        (3, None, False, False, 0.0),
+        (4, 1.0, True, True, 0.2),
+        (3, None, False, True, 5.0),
+    ],
+)
+def test_all_edges_full_waits_out_the_budget_with_a_bounded_number_of_opens(
+    pool, hint, holds_all, failover_works, open_seconds
+):
     actions, opens, waited, elapsed = _all_edges_full(pool, hint, holds_all, failover_works, open_seconds)
     waits = sum(a.kind is Kind.WAIT for a in actions)
     assert actions[-1].kind is (Kind.FINISH_LOCALLY if holds_all else Kind.GIVE_UP)
@@ -163,7 +195,8 @@ def test_lost_sessions_in_a_row_end_after_the_replays_allowed():
     for pool, can_resume in itertools.product((1, 3), (True, False)):
         state = AttemptState(pool_size=pool, can_resume=can_resume, replays_allowed=REPLAYS)
         resumed, attempts = False, 0
-        for attempts in range(1, 100):  # the edge loses every session; a resume is answered NOT_FOUND
+        while attempts < 100:
+            attempts += 1  # the edge loses every session; a resume is answered NOT_FOUND
             failure = Failure(C.NOT_FOUND if resumed else C.UNAVAILABLE, NOW, resumed=resumed)
             act = decide(failure, state)
             state.after(failure, act)
@@ -179,15 +212,18 @@ def test_the_status_table_keeps_the_retryable_and_failover_sets():
     assert all(rp.category(Failure(c)) is rp.Category.FATAL for c in C if c not in rp.STATUS)
 
 
-@pytest.mark.parametrize("details", ["Sent message larger than max (70000 vs. 65536)",
-                                     "Received message larger than max (70000 vs. 65536)"])
+@pytest.mark.parametrize(
+    "details", ["Sent message larger than max (70000 vs. 65536)", "Received message larger than max (70000 vs. 65536)"]
+)
 def test_grpcs_message_too_large_is_a_400_never_a_busy_edge(details):
     e = EdgeError(C.RESOURCE_EXHAUSTED, details)
     assert e.too_large and not e.retryable and not EdgeError(C.RESOURCE_EXHAUSTED, "edge is full").too_large
     assert decide(Failure(e.code, NOW, too_large=e.too_large), _state(3, True, False)).kind is Kind.TOO_LARGE
     api = from_edge(e)
     assert api.status == 400 and "Retry-After" not in api.headers
-    assert api.message == ("prompt too large for one message to the edge: 70000 bytes > limit 65536; use a shorter "
-                           "prompt, a smaller codec or raise max_message_bytes")
+    assert api.message == (
+        "prompt too large for one message to the edge: 70000 bytes > limit 65536; use a shorter "
+        "prompt, a smaller codec or raise max_message_bytes"
+    )
     assert MessageTooLarge.of(EdgeError(C.RESOURCE_EXHAUSTED, "Sent message larger than max")).size is None
     assert from_edge(MessageTooLarge(5000, 4096)).status == 400

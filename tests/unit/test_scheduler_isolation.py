@@ -18,4 +18,3 @@ def test_sample_each_rows_stand_alone():
     assert isinstance(got[1], NonFiniteState) and isinstance(got[2], NonFiniteState)
     ref = sample_rows([Sampler(params[0]), Sampler(params[3])], logits[[0, 3]])
     assert [got[0], got[3]] == ref
-

@@ -13,8 +13,9 @@ def test_loopback_only():
         Shaper(("10.0.0.1", 80))
 
 
-@pytest.mark.parametrize("text,bits", [("256kbit", 256e3), ("2mbit", 2e6), ("20Mbit/s", 20e6), ("1e6", 1e6),
-                                       ("off", 0.0), ("2mbps", 2e6)])
+@pytest.mark.parametrize(
+    "text,bits", [("256kbit", 256e3), ("2mbit", 2e6), ("20Mbit/s", 20e6), ("1e6", 1e6), ("off", 0.0), ("2mbps", 2e6)]
+)
 def test_parse_rate(text, bits):
     assert parse_rate(text) == bits
 
@@ -25,4 +26,3 @@ def test_parse_bad_units():
     with pytest.raises(ValueError):
         parse_duration("soon")
     assert parse_duration("40ms") == pytest.approx(0.04) and parse_duration("0.05s") == 0.05
-

@@ -20,8 +20,15 @@ def layer_tensors(i: int) -> set[str]:
 
 @pytest.mark.parametrize(
     "start,stop,embed,head",
-    [(0, 0, True, False), (0, 2, True, False), (2, 5, False, False), (4, 6, False, True), (6, 6, False, True),
-     (0, 6, True, True), (3, 6, True, True)],  # fmt: skip
+    [
+        (0, 0, True, False),
+        (0, 2, True, False),
+        (2, 5, False, False),
+        (4, 6, False, True),
+        (6, 6, False, True),
+        (0, 6, True, True),
+        (3, 6, True, True),
+    ],  # fmt: skip
 )
 def test_slice_reads_only_its_tensors(tiny_dir, start, stop, embed, head):
     reader = TensorReader(tiny_dir / "model.safetensors")
@@ -67,7 +74,9 @@ def test_loading_a_slice_does_not_pull_in_torchs_symbolic_stack(tiny_dir):
     import subprocess
     import sys
 
-    code = ("import sys, torch\nfrom coinfer.model import load_slice\n"
-            f"load_slice({str(tiny_dir)!r}, precision='int8')\nprint('sympy' in sys.modules)")
+    code = (
+        "import sys, torch\nfrom coinfer.model import load_slice\n"
+        f"load_slice({str(tiny_dir)!r}, precision='int8')\nprint('sympy' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"

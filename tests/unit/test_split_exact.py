@@ -55,7 +55,7 @@ def test_lossy_codecs_stay_close_at_middle_cut(tiny_dir):
     for name in ["f16", "int8"]:
         split = LocalSplit(tiny_dir, N // 2, name)
         got = [t for t, _ in generate(split.step_fn(), ids, 16)]
-        agree = sum(a == b for a, b in zip(got, expected)) / len(expected)
+        agree = sum(a == b for a, b in zip(got, expected, strict=True)) / len(expected)
         assert agree >= 0.75, f"{name} agreement {agree}"
         sizes[name] = split.stats.bytes_per_token
     assert sizes["int8"] < sizes["f16"]

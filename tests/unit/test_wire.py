@@ -37,7 +37,9 @@ def test_the_device_reads_what_the_edge_writes():
     full = wire.error_trailers(grpc.StatusCode.RESOURCE_EXHAUSTED, 0.7)
     e = EdgeError.from_rpc(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", full))
     assert (e.code, e.retry_after) == (grpc.StatusCode.RESOURCE_EXHAUSTED, pytest.approx(0.7))
-    e = EdgeError.from_rpc(FakeRpcError(grpc.StatusCode.CANCELLED, "reset", wire.error_trailers(grpc.StatusCode.ABORTED)))
+    e = EdgeError.from_rpc(
+        FakeRpcError(grpc.StatusCode.CANCELLED, "reset", wire.error_trailers(grpc.StatusCode.ABORTED))
+    )
     assert e.code == grpc.StatusCode.ABORTED and e.retry_after is None
 
 
