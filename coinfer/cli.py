@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
+from coinfer import __version__
 from coinfer.model.prepare import DEFAULT_MODEL_DIR
 
 
@@ -74,15 +76,52 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pass_through(values: list[str]) -> list[str]:
+    """`--edge-arg` / `--agent-arg` values as argv items, each split as a shell would split it, so both
+    `--agent-arg=--weights=int4` and `--agent-arg='--weights int4 --compile'` work."""
+    return [item for value in values for item in shlex.split(value)]
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from coinfer.tools.launcher import up
 
-    agent_args = ["--split", args.split, "--codec", args.codec]
-    return up(args.model, args.port, args.grpc_port, args.ops_port, agent_args)
+    # the pass-through flags come last: the apps' parsers let a later flag win over --split / --codec
+    agent_args = ["--split", args.split, "--codec", args.codec, *_pass_through(args.agent_arg)]
+    edge_args = _pass_through(args.edge_arg)
+    return up(args.model, args.port, args.grpc_port, args.ops_port, agent_args, edge_args)
+
+
+def _add_up(sub) -> None:
+    """`coinfer up`: its own ports, split and codec, and any other setting of either app passed through."""
+    u = sub.add_parser(
+        "up",
+        help="run an edge server and a device agent on this machine until Ctrl-C (make run)",
+        description="Run an edge server and a device agent on this machine until Ctrl-C. Any other setting "
+        "of either app passes through: --edge-arg=FLAGS goes to edge-server, --agent-arg=FLAGS to "
+        "device-agent, each repeatable and split like a shell line (write the = sign), e.g. "
+        "coinfer up --edge-arg=--max-sessions=4 --agent-arg='--weights int4 --compile'. "
+        "See edge-server --help and device-agent --help.",
+    )
+    u.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"prepared model dir (default: {DEFAULT_MODEL_DIR})")
+    u.add_argument("--port", type=int, default=8000, help="device agent REST port (default: 8000)")
+    u.add_argument("--grpc-port", type=int, default=50051, help="edge gRPC port (default: 50051)")
+    u.add_argument("--ops-port", type=int, default=8081, help="edge ops HTTP port (default: 8081)")
+    u.add_argument("--split", default="auto", help="default split of the device agent: 0..N or auto (default: auto)")
+    u.add_argument("--codec", default="f16", help="default codec: f32, f16, int8, int4 (default: f16)")
+    for name, app in (("edge", "edge-server"), ("agent", "device-agent")):
+        u.add_argument(
+            f"--{name}-arg",
+            action="append",
+            default=[],
+            metavar="FLAGS",
+            help=f"flags for {app}, after the ones coinfer up sets (so they win); repeatable",
+        )
+    u.set_defaults(func=_cmd_up)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="coinfer", description="Device-edge cooperative inference of split LMs.")
+    p.add_argument("--version", action="version", version=f"coinfer {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="turn a GGUF file or an HF model dir into a local model dir")
@@ -115,14 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
     g.set_defaults(func=_cmd_generate)
 
-    u = sub.add_parser("up", help="run an edge server and a device agent on this machine until Ctrl-C (make run)")
-    u.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"prepared model dir (default: {DEFAULT_MODEL_DIR})")
-    u.add_argument("--port", type=int, default=8000, help="device agent REST port (default: 8000)")
-    u.add_argument("--grpc-port", type=int, default=50051, help="edge gRPC port (default: 50051)")
-    u.add_argument("--ops-port", type=int, default=8081, help="edge ops HTTP port (default: 8081)")
-    u.add_argument("--split", default="auto", help="default split of the device agent: 0..N or auto (default: auto)")
-    u.add_argument("--codec", default="f16", help="default codec: f32, f16, int8, int4 (default: f16)")
-    u.set_defaults(func=_cmd_up)
+    _add_up(sub)
 
     for name, helptext in (
         ("plan", "what split the partitioner would choose on a given link (table + PNG); coinfer plan --help"),

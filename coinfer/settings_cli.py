@@ -1,6 +1,9 @@
 """Command-line flags generated from grouped settings (coinfer.settings_groups), so each app's
 `--help` lists every setting under its group with its unit, default and `COINFER_` variable, and
-flags override env. `coinfer plan` generates its planner flags from the same groups."""
+flags override env. `coinfer plan` generates its planner flags from the same groups.
+
+A boolean setting is a `BoolFlag`: `--name` / `--no-name` as people expect of a command line, and
+`--name true|false` as the scripts, manifests and compose files of this repository pass it."""
 
 from __future__ import annotations
 
@@ -9,12 +12,48 @@ import logging
 from collections.abc import Iterable
 from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
+from coinfer import __version__
 from coinfer.settings_groups import GroupedSettings, SettingsGroup
 
 S = TypeVar("S", bound=GroupedSettings)
 G = TypeVar("G", bound=SettingsGroup)
+_BOOL = TypeAdapter(bool)
+
+
+class BoolFlag(argparse.BooleanOptionalAction):
+    """`--name` (true), `--no-name` (false), or `--name VALUE` with VALUE any boolean the environment
+    variable takes (true/false, 1/0, yes/no, on/off). The optional value keeps every existing
+    `--name true|false` command line valid; a flag not given stays None, so the environment holds."""
+
+    def __init__(self, option_strings, dest, default=None, required=False, help=None) -> None:
+        super().__init__(option_strings, dest, default=default, required=required, help=help)
+        self.nargs, self.metavar = "?", "true|false"
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        negated = bool(option_string and option_string.startswith("--no-"))
+        if negated and values is not None:
+            raise argparse.ArgumentError(self, f"{option_string} takes no value")
+        try:
+            value = True if values is None else _BOOL.validate_python(values)
+        except ValidationError:
+            raise argparse.ArgumentError(self, f"expected true or false, got {values!r}") from None
+        setattr(namespace, self.dest, not value if negated else value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a BoolFlag as `--name [true|false], --no-name` rather than a value after each form."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BoolFlag):
+            return f"{action.option_strings[0]} [{action.metavar}], {', '.join(action.option_strings[1:])}"
+        return super()._format_action_invocation(action)
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """`--version`: `<prog> <coinfer version>`, exit 0 (what a bug report or a deploy check asks first)."""
+    parser.add_argument("--version", action="version", version=f"{parser.prog} {__version__}")
 
 
 def app_parser(prog: str, description: str, cls: type[GroupedSettings]) -> argparse.ArgumentParser:
@@ -23,9 +62,11 @@ def app_parser(prog: str, description: str, cls: type[GroupedSettings]) -> argpa
         prog=prog,
         description=description + " Every flag can also be set as a "
         f"{cls.model_config.get('env_prefix', '')} environment variable.",
+        formatter_class=HelpFormatter,
     )
     add_settings_flags(p, cls)
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_version(p)
     return p
 
 
@@ -50,16 +91,13 @@ def add_group_flags(
     None: a tool that reads no environment (its help then names none)."""
     section = parser.add_argument_group(group.title(), group.purpose())
     for name, field in group.model_fields.items():
-        kind = int if field.annotation is int else float if field.annotation is float else str
         env = "" if env_prefix is None else f"env {(env_prefix + name).upper()}, "
-        section.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            type=kind,
-            default=None,
-            metavar=name.upper(),
-            help=f"{field.description} [{env}default {field.default!r}]",
-        )
+        flag, text = f"--{name.replace('_', '-')}", f"{field.description} [{env}default {field.default!r}]"
+        if field.annotation is bool:
+            section.add_argument(flag, dest=name, action=BoolFlag, default=None, help=text)
+            continue
+        kind = int if field.annotation is int else float if field.annotation is float else str
+        section.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(), help=text)
     return section
 
 

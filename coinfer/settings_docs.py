@@ -31,8 +31,9 @@ edit by hand: change a field's description in its settings class and run `make d
 
 Every setting of `edge-server` and `device-agent` is a command-line flag and a `COINFER_`
 environment variable. Precedence: flag > environment variable > default. `--help` lists the same
-settings, in the same groups. Booleans take `true` / `false`; sizes are in bytes and times in
-seconds unless the name says otherwise (`_ms`).
+settings, in the same groups. A boolean flag is `--name` / `--no-name`, or `--name true|false`
+(its variable takes `true` / `false`); sizes are in bytes and times in seconds unless the name says
+otherwise (`_ms`).
 """
 
 # markdown table rows: one a line, however long (hence the noqa on the closing quotes)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from coinfer.lifecycle import run_until_signalled
+from coinfer.lifecycle import ports_in_use, run_until_signalled
 from coinfer.settings_cli import app_parser, parse_app_args
 from device_agent.config import AgentSettings, RuntimeSettings
 
@@ -84,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(settings: AgentSettings, build: Callable[[AgentSettings], FastAPI] = build_app) -> int:
-    """Build the app with `build` and serve it until SIGTERM / SIGINT; 1 when it cannot be built."""
+    """Build the app with `build` and serve it until SIGTERM / SIGINT; 1 when it cannot be built, or at
+    once when its port is taken (before the model loads, which takes far longer than the check)."""
+    api = settings.api
+    problem = ports_in_use(api.host, {"REST port": api.port})
+    if problem:
+        print(f"device-agent: {problem}", file=sys.stderr)
+        return 1
     import uvicorn
 
     try:
@@ -92,7 +98,6 @@ def run(settings: AgentSettings, build: Callable[[AgentSettings], FastAPI] = bui
     except (OSError, ValueError) as e:
         print(f"device-agent: {e}", file=sys.stderr)
         return 1
-    api = settings.api
     config = uvicorn.Config(
         app,
         host=api.host,

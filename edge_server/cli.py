@@ -7,7 +7,7 @@ import ctypes
 import os
 import sys
 
-from coinfer.lifecycle import run_until_signalled
+from coinfer.lifecycle import ports_in_use, run_until_signalled
 from coinfer.settings_cli import app_parser, parse_app_args
 from edge_server.config import EdgeSettings
 
@@ -47,6 +47,14 @@ def limit_malloc_arenas() -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_app_args(build_parser(), EdgeSettings, argv)
+    server_settings = settings.server
+    # before the model loads (seconds to minutes): a taken port fails at once, in one line
+    problem = ports_in_use(
+        server_settings.host, {"gRPC port": server_settings.grpc_port, "ops port": server_settings.ops_port}
+    )
+    if problem:
+        print(f"edge-server: {problem}", file=sys.stderr)
+        return 1
     limit_malloc_arenas()  # before the heavy imports and the server's threads
     from edge_server.server import EdgeServer  # heavy imports after --help
 

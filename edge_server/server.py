@@ -69,11 +69,13 @@ def grpc_server(
     bind = f"{server.host}:{server.grpc_port}"
     if bool(sec.tls_cert_file) != bool(sec.tls_key_file) or (sec.tls_client_ca_file and not sec.tls_cert_file):
         raise ValueError("TLS needs tls_cert_file and tls_key_file together (and both for tls_client_ca_file)")
+    creds = None
     if sec.tls_cert_file:
         creds = security.server_credentials(sec.tls_cert_file, sec.tls_key_file, sec.tls_client_ca_file)
-        port = srv.add_secure_port(bind, creds)
-    else:
-        port = srv.add_insecure_port(bind)
+    try:  # a port in use: older grpcio returns 0, newer raises RuntimeError; either is one line for the CLI
+        port = srv.add_secure_port(bind, creds) if creds is not None else srv.add_insecure_port(bind)
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise OSError(f"cannot bind gRPC to {bind}")
     return srv, port

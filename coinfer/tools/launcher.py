@@ -99,16 +99,10 @@ def _start(name: str, argv: list[str], env: dict | None, echo: bool, timeout: fl
     return p
 
 
-def start_edge(
-    model_dir: str | Path,
-    grpc_port: int = 0,
-    ops_port: int = 0,
-    args: Sequence[str] = (),
-    env: dict | None = None,
-    echo: bool = False,
-    timeout: float = 120.0,
-) -> Proc:
-    argv = _bin("edge-server") + [
+def edge_argv(model_dir: str | Path, grpc_port: int = 0, ops_port: int = 0, args: Sequence[str] = ()) -> list[str]:
+    """The edge's command line: its model, ports on 127.0.0.1, then `args` (later flags win, so `args`
+    may override any of these)."""
+    return _bin("edge-server") + [
         "--model-dir",
         str(model_dir),
         "--host",
@@ -119,7 +113,38 @@ def start_edge(
         str(ops_port),
         *args,
     ]
-    return _start("edge", argv, env, echo, timeout)
+
+
+def start_edge(
+    model_dir: str | Path,
+    grpc_port: int = 0,
+    ops_port: int = 0,
+    args: Sequence[str] = (),
+    env: dict | None = None,
+    echo: bool = False,
+    timeout: float = 120.0,
+) -> Proc:
+    return _start("edge", edge_argv(model_dir, grpc_port, ops_port, args), env, echo, timeout)
+
+
+def agent_argv(
+    model_dir: str | Path, edge: str, port: int = 0, args: Sequence[str] = (), program: Sequence[str] = ()
+) -> list[str]:
+    """The agent's command line: its model, edge and port on 127.0.0.1, then `args` (later flags win).
+    program: the command that runs the agent, when not `device-agent` itself (a benchmark's emulated
+    device); it must take the agent's flags."""
+    return [
+        *(program or _bin("device-agent")),
+        "--model-dir",
+        str(model_dir),
+        "--edge",
+        edge,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
 
 
 def start_agent(
@@ -132,21 +157,7 @@ def start_agent(
     timeout: float = 120.0,
     program: Sequence[str] = (),
 ) -> Proc:
-    """program: the command that runs the agent, when not `device-agent` itself (a benchmark's
-    emulated device); it must take the agent's flags."""
-    argv = [
-        *(program or _bin("device-agent")),
-        "--model-dir",
-        str(model_dir),
-        "--edge",
-        edge,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args,
-    ]
-    return _start("device", argv, env, echo, timeout)
+    return _start("device", agent_argv(model_dir, edge, port, args, program), env, echo, timeout)
 
 
 def examples(base_url: str, model: str) -> str:

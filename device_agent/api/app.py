@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -15,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from device_agent.api import request_id
 from device_agent.api.errors import APIError
 from device_agent.api.logic import ServingLogic
 from device_agent.api.routes import completions, models, ops, plan
@@ -23,7 +23,7 @@ from device_agent.generate import Engine
 log = logging.getLogger("coinfer.device")
 
 # worker threads beyond one per generation slot (a generation uses one at a time: tokenizing, then running),
-# for the routes that need one: /v1/models, /v1/plan, /readyz's edge probe
+# for the routes that need one: /v1/plan, /readyz's edge probe
 SPARE_THREADS = 16
 
 
@@ -36,7 +36,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if e.get("type") == "json_invalid":
         return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
     where = ".".join(loc) or "body"
-    return f"{where}: {e.get('msg')}" + (f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""), where
+    msg = e.get("msg")
+    if e.get("type") == "extra_forbidden":  # pydantic's words ("Extra inputs are not permitted") name no reason
+        msg = "unknown field: this server does not implement it (docs/openai.md lists the fields it takes)"
+    return f"{where}: {msg}" + (f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""), where
 
 
 def require_api_key(request: Request) -> None:
@@ -95,16 +98,19 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        # the exception's text may hold paths, addresses or request data: it goes to the log under an id
-        # the client gets, never into the body
-        rid = uuid.uuid4().hex
-        log.error("internal error %s on %s", rid, request.url.path, exc_info=exc)
+        # the exception's text may hold paths, addresses or request data: it goes to the log under the
+        # request's id, which the client gets, never into the body. This handler runs outside every
+        # middleware, so it sets the X-Request-Id header itself.
+        rid = request_id.of_scope(request.scope)
+        log.error("internal error on %s [request %s]", request.url.path, rid, exc_info=exc)
         return APIError(
             500, f"internal error; request id {rid}", "server_error", "internal_error", headers={"X-Request-Id": rid}
         ).response()
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(RequestCounter, metrics=engine.metrics)  # added last: outermost, so it counts 413s
+    app.add_middleware(RequestCounter, metrics=engine.metrics)  # outside BodyLimit, so it counts 413s
+    app.add_middleware(request_id.RequestId)  # added last: outermost, so every response has the header
+    request_id.install_log_filter(log)
     return app
 
 

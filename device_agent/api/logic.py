@@ -119,7 +119,7 @@ class ServingLogic:
         self.slots = GenerationSlots(engine.settings.api.max_concurrent_requests)
 
     # -- requests --------------------------------------------------------------------------
-    def _check_model(self, model: str) -> None:
+    def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise APIError(
                 404,
@@ -144,7 +144,7 @@ class ServingLogic:
         )
 
     def chat_request(self, body: p.ChatCompletionRequest) -> GenerationRequest:
-        self._check_model(body.model)
+        self.check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             ids = self.engine.tokenizer.encode_chat(messages)
@@ -157,7 +157,7 @@ class ServingLogic:
         return self._request(body, ids, max_tokens, self.engine.settings.api.default_max_tokens)
 
     def completion_request(self, body: p.CompletionRequest) -> GenerationRequest:
-        self._check_model(body.model)
+        self.check_model(body.model)
         if isinstance(body.prompt, str):
             ids = self.engine.tokenizer.encode(body.prompt)
         else:

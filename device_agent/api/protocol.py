@@ -1,15 +1,22 @@
 """OpenAI-compatible request / response bodies (pydantic), plus coinfer's extra fields.
 
-Extra request fields: `split` (0..N or "auto") and `codec`; `top_k` as in vLLM. Every
-response carries a `coinfer` object (CoinferStats): split, codec, bytes up/down, timings.
-Unknown OpenAI fields (user, presence_penalty, ...) are accepted and ignored.
+Extra request fields: `split` (0..N or "auto") and `codec`; `top_k` and `ignore_eos` as in vLLM.
+Every response carries a `coinfer` object (CoinferStats): split, codec, bytes up/down, timings.
+
+No request field is ignored silently: a client that asks for penalties, tools or logprobs and gets
+plain text back would take it for what it asked. A field we implement is used; an OpenAI field we
+do not implement is taken only with the value that asks for what we do anyway (`n` 1, penalties 0,
+`logprobs` false, ...: `only`) and is otherwise a 400 naming it; any other field is a 400 too
+(extra="forbid"). docs/openai.md has the table.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 METADATA_MAX = 128  # characters of an affinity key (user, X-Session-Id): it travels in every gRPC call's metadata
 
@@ -26,12 +33,71 @@ def metadata_value(value: str, name: str) -> str:
     return value
 
 
+def _zero(v: Any) -> bool:
+    return v == 0
+
+
+def _falsy(v: Any) -> bool:
+    return not v
+
+
+def _never(v: Any) -> bool:
+    return False
+
+
+# OpenAI request fields we do not implement -> (the values that ask for what we do anyway, the 400's
+# message otherwise); null always passes. One table, so that docs/openai.md and the code agree.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v == 1, "only n = 1 is supported"),
+    "presence_penalty": (_zero, "only 0 is supported: repetition penalties are not implemented"),
+    "frequency_penalty": (_zero, "only 0 is supported: repetition penalties are not implemented"),
+    "logit_bias": (_falsy, "logit_bias is not supported"),
+    "service_tier": (lambda v: v in ("auto", "default"), "service tiers are not supported (only 'auto' or 'default')"),
+    # chat
+    "logprobs": (_falsy, "logprobs are not supported"),  # completions: null only (CompletionRequest)
+    "top_logprobs": (_zero, "logprobs are not supported"),
+    "response_format": (lambda v: v == {"type": "text"}, 'only {"type": "text"} is supported (no JSON mode or schema)'),
+    "tools": (_falsy, "tools are not supported"),
+    "functions": (_falsy, "functions are not supported"),
+    "tool_choice": (lambda v: v == "none", "tools are not supported (only 'none')"),
+    "function_call": (lambda v: v == "none", "functions are not supported (only 'none')"),
+    "parallel_tool_calls": (_never, "tools are not supported"),
+    "audio": (_never, "audio is not supported"),
+    "prediction": (_never, "predicted outputs are not supported"),
+    "modalities": (lambda v: v == ["text"], 'only ["text"] is supported'),
+    # completions
+    "echo": (_falsy, "echo is not supported"),
+    "best_of": (lambda v: v == 1, "only best_of = 1 is supported"),
+    "suffix": (_falsy, "suffix is not supported"),
+    # a message's: only role and content reach the chat template; these would be lost
+    "tool_calls": (_falsy, "tool calls in messages are not supported"),
+    "refusal": (_falsy, "refusal in messages is not supported"),
+    "annotations": (_falsy, "annotations in messages are not supported"),
+}
+NOT_USED = "accepted and not used"
+
+
+def _check_unsupported(value: Any, info: ValidationInfo) -> Any:
+    """`value` of field `info.field_name` if null or one that UNSUPPORTED takes, else a 400 naming it."""
+    accepted, rule = UNSUPPORTED[str(info.field_name)]
+    if value is not None and not accepted(value):
+        raise PydanticCustomError("unsupported_value", "{rule}", {"rule": rule})
+    return value
+
+
+def _unsupported(description: str) -> Any:
+    return Field(None, description=f"not implemented: {description}; any other value is a 400")
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(None, description=f"{NOT_USED} (no obfuscation padding)")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -42,7 +108,15 @@ class _Request(BaseModel):
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only n = 1 is supported")
+    n: int | None = _unsupported("1 only")
+    presence_penalty: float | None = _unsupported("0 only")
+    frequency_penalty: float | None = _unsupported("0 only")
+    logit_bias: dict[str, float] | None = _unsupported("empty only")
+    service_tier: str | None = _unsupported("'auto' or 'default' only")
+    store: bool | None = Field(None, description=f"{NOT_USED}: nothing is stored")
+    metadata: dict[str, str] | None = Field(None, description=NOT_USED)
+    prompt_cache_key: str | None = Field(None, description=f"{NOT_USED}: prefix reuse is automatic")
+    safety_identifier: str | None = Field(None, description=NOT_USED)
     split: int | Literal["auto"] | None = None
     codec: str | None = None
     min_agreement: float | None = Field(
@@ -73,6 +147,11 @@ class _Request(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stops
 
+    @field_validator(*(name for name in UNSUPPORTED), check_fields=False)
+    @classmethod
+    def _unsupported_values(cls, v: Any, info: ValidationInfo) -> Any:
+        return _check_unsupported(v, info)
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -80,10 +159,23 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """One message: only its role and content reach the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = Field(None, description=NOT_USED)
+    tool_call_id: str | None = Field(None, description=NOT_USED)
+    tool_calls: list[Any] | None = _unsupported("empty only")
+    function_call: Any = _unsupported("null only")
+    audio: Any = _unsupported("null only")
+    refusal: str | None = _unsupported("empty only")
+    annotations: list[Any] | None = _unsupported("empty only")
+
+    _unsupported_values = field_validator("tool_calls", "function_call", "audio", "refusal", "annotations")(
+        _check_unsupported
+    )
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -94,6 +186,17 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = _unsupported("false only")
+    top_logprobs: int | None = _unsupported("0 only")
+    response_format: dict[str, Any] | None = _unsupported('{"type": "text"} only')
+    tools: list[Any] | None = _unsupported("empty only")
+    tool_choice: str | dict[str, Any] | None = _unsupported("'none' only")
+    functions: list[Any] | None = _unsupported("empty only")
+    function_call: str | dict[str, Any] | None = _unsupported("'none' only")
+    parallel_tool_calls: bool | None = _unsupported("null only")
+    audio: dict[str, Any] | None = _unsupported("null only")
+    prediction: dict[str, Any] | None = _unsupported("null only")
+    modalities: list[str] | None = _unsupported('["text"] only')
 
     @field_validator("messages")
     @classmethod
@@ -105,6 +208,18 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str]
+    logprobs: int | None = _unsupported("null only")
+    echo: bool | None = _unsupported("false only")
+    best_of: int | None = _unsupported("1 only")
+    suffix: str | None = _unsupported("empty only")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: int | None) -> int | None:
+        """Here a number of top logprobs: even 0 asks for the chosen tokens' logprobs."""
+        if v is not None:
+            raise PydanticCustomError("unsupported_value", "logprobs are not supported")
+        return v
 
     @field_validator("prompt")
     @classmethod

@@ -80,17 +80,8 @@ def pki(tmp_path_factory) -> dict[str, str]:
 
 
 def _engine(model_dir, edge, **kw):
-    settings = AgentSettings(
-        model_dir=str(model_dir),
-        edge=address(edge),
-        split="3",
-        codec="f32",
-        connect_timeout_seconds=2,
-        busy_wait_seconds=0,
-        replays=0,
-        max_device_layers=3,
-        **kw,
-    )
+    base = dict(connect_timeout_seconds=2, busy_wait_seconds=0, replays=0, max_device_layers=3)
+    settings = AgentSettings(model_dir=str(model_dir), edge=address(edge), split="3", codec="f32", **{**base, **kw})
     return build_app(settings).state.logic.engine
 
 
@@ -104,6 +95,11 @@ def _generate(engine, prompt=PROMPT, n=6):
     return out, result
 
 
+def _refused(model_dir, edge, **kw):
+    """An engine whose connection the edge refuses (it never connects: a short connect timeout)."""
+    return _engine(model_dir, edge, connect_timeout_seconds=0.5, **kw)
+
+
 def _fails(engine) -> str:
     from device_agent.edge.client import EdgeError
 
@@ -112,13 +108,12 @@ def _fails(engine) -> str:
     return e.value.code.name
 
 
-@pytest.mark.slow  # 16.5 s on 2 cores (--durations): over the 10 s line
 def test_tls_and_mutual_tls(tiny_dir, pki):
     expected = greedy_reference(tiny_dir, PROMPT, 6)
     with edge_server(tiny_dir, tls_cert_file=pki["edge"], tls_key_file=pki["edge-key"]) as edge:
         assert _generate(_engine(tiny_dir, edge, edge_ca_file=pki["ca"]))[0] == expected
-        assert _fails(_engine(tiny_dir, edge)) == "UNAVAILABLE"  # plaintext client: no handshake
-        assert _fails(_engine(tiny_dir, edge, edge_ca_file=pki["rogue-ca"])) == "UNAVAILABLE"  # wrong CA
+        assert _fails(_refused(tiny_dir, edge)) == "UNAVAILABLE"  # plaintext client: no handshake
+        assert _fails(_refused(tiny_dir, edge, edge_ca_file=pki["rogue-ca"])) == "UNAVAILABLE"  # wrong CA
     with edge_server(
         tiny_dir, tls_cert_file=pki["edge"], tls_key_file=pki["edge-key"], tls_client_ca_file=pki["ca"]
     ) as edge:
@@ -133,10 +128,10 @@ def test_tls_and_mutual_tls(tiny_dir, pki):
             == 0
         )
         assert healthcheck(["grpc", address(edge), "--timeout", "1"]) == 1
-        assert _fails(_engine(tiny_dir, edge, edge_ca_file=pki["ca"])) == "UNAVAILABLE"  # no client certificate
+        assert _fails(_refused(tiny_dir, edge, edge_ca_file=pki["ca"])) == "UNAVAILABLE"  # no client certificate
         assert (
             _fails(
-                _engine(
+                _refused(
                     tiny_dir,
                     edge,
                     edge_ca_file=pki["ca"],

@@ -63,7 +63,8 @@ def test_estimator_learns_the_shaped_link(shaped):
     plan = api.get("/v1/plan", params={"prompt_tokens": 128, "max_tokens": 32}).json()
     link = plan["link"]
     assert link["up_bytes_per_second"] == pytest.approx(RATE / 8, rel=0.2), link
-    assert link["rtt_seconds"] == pytest.approx(RTT, abs=0.010), link
+    # the shaper's delay is the floor; a busy host's scheduling only adds to what a probe measures
+    assert RTT - 0.005 <= link["rtt_seconds"] <= RTT + 0.020, link
     assert plan["edge"]["reachable"] and plan["edge"]["profile"]
     metrics = api.get("/metrics").text
     assert (

@@ -24,7 +24,7 @@ from coinfer.tools.proxies import Proxy, ProxyMissing
 from tests.support.processes import ONE_THREAD
 
 pytestmark = pytest.mark.integration
-N, TOKENS = 12, 40
+N, TOKENS = 12, 64
 TOPICS = [
     "a lighthouse",
     "a desert",

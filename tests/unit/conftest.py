@@ -7,7 +7,9 @@ under test swallows that error, fails the phase afterwards as well. It covers th
 builds, the tiny models of tests/conftest.py included. Two libraries' own worker threads are
 switched off inside the guard rather than refused: tqdm's monitor (progress bars while a model is
 written or fingerprinted) and transformers' parallel weight loading (HF_DEACTIVATE_ASYNC_LOAD=1,
-which loads the same tensors one after another).
+which loads the same tensors one after another). coinfer.compute's one compute thread starts when
+that module is first imported: it is imported here, before any guard, so a unit test that happens
+to be the first to import it (run alone) is not taken for one that starts threads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import grpc.aio
 import pytest
 import torch
 import tqdm
+
+import coinfer.compute  # noqa: F401 - starts the library's compute thread outside the guard (see above)
 
 # (owner, attribute, what the test did)
 FORBIDDEN = [

@@ -191,7 +191,9 @@ def _flags(parser) -> set[str]:
 def test_variable_and_flag_names_are_unchanged(app):
     cls, parser, env, flags = APPS[app]
     assert {f"COINFER_{name.upper()}" for name in cls.flat_fields()} == env
-    assert _flags(parser()) == flags
+    # added since, none taken away: --version, and the --no-<name> form of every boolean
+    negations = {f"--no-{name.replace('_', '-')}" for name, f in cls.flat_fields().items() if f.annotation is bool}
+    assert negations and _flags(parser()) == flags | negations | {"--version"}
 
 
 @pytest.mark.parametrize("app", APPS)
