@@ -214,7 +214,6 @@ class Engine:
 
 def _planner(settings: AgentSettings, head: HeadRunner, edge: EdgePool | None, metrics: AgentMetrics) -> Planner:
     """The planner from its settings groups, the device's measured profile and the edge it polls."""
-    link = settings.connection
     return Planner(
         settings.planner,
         settings.energy,
@@ -223,7 +222,5 @@ def _planner(settings: AgentSettings, head: HeadRunner, edge: EdgePool | None, m
         metrics,
         head.fingerprint,
         model_dir=settings.runtime.model_dir,
-        describe_interval=link.describe_interval_seconds,
-        link_max_age=link.link_max_age_seconds,
-        connect_timeout=link.connect_timeout_seconds,
+        connection=settings.connection,
     )

@@ -2,7 +2,7 @@
 
 `Planner` holds the device's cost profile (measured at start-up, cached), a `LinkEstimator`
 fed by every transfer, and what it last heard from the edge (its profile once, its load
-every `describe_interval` seconds). A background thread polls the edge's load (each poll
+every `describe_interval_seconds`). A background thread polls the edge's load (each poll
 is also an RTT sample) and probes the link when no transfer has taught it for a while and
 no request is running. `plan()` is then a pure function call over these numbers.
 
@@ -24,6 +24,7 @@ from coinfer.planning import partitioner as part
 from coinfer.planning.cost_profile import CostProfile
 from coinfer.planning.link import LinkEstimator, probe_plan
 from coinfer.planning.settings import EnergySettings, PlannerSettings, objective_of
+from device_agent.config import ConnectionSettings
 from device_agent.edge.client import EdgeError, Exchange
 from device_agent.edge.pool import EdgePool
 from device_agent.metrics import AgentMetrics
@@ -50,21 +51,14 @@ class Planner:
         fingerprint: str = "",
         *,
         model_dir: str | None = None,
-        describe_interval: float = 2.0,
-        link_max_age: float = 30.0,
-        connect_timeout: float = 5.0,
+        connection: ConnectionSettings | None = None,
     ) -> None:
         """model_dir: where `coinfer calibrate` left the codecs' accuracy (None: no accuracy budget can
-        admit a lossy codec); describe_interval: seconds between polls of the edge's load;
-        link_max_age: probe the link when no transfer taught it for this long; connect_timeout: the
-        edge connection's, which also caps a refresh made for a plan."""
+        admit a lossy codec); connection: the edge connection's settings, of which the planner reads
+        how often to poll the edge, when to probe the link and how long a refresh for a plan may take."""
         self.settings, self.energy, self.device, self.edge = settings, energy, device, edge
         self.fingerprint = fingerprint
-        self.describe_interval, self.link_max_age, self.connect_timeout = (
-            describe_interval,
-            link_max_age,
-            connect_timeout,
-        )
+        self.connection = connection or ConnectionSettings.model_validate({})  # its defaults
         # accuracy of each lossy codec at each cut, calibrated into the model dir (coinfer calibrate)
         table = codec_accuracy.load(model_dir, fingerprint or None) if model_dir is not None else None
         self.agreement = table.agreements() if table else None
@@ -93,9 +87,9 @@ class Planner:
     def _loop(self) -> None:
         while True:
             self.refresh()
-            if self.reachable and self.active == 0 and self.link.stale(self.link_max_age):
+            if self.reachable and self.active == 0 and self.link.stale(self.connection.link_max_age_seconds):
                 self.probe()
-            if self._stop.wait(self.describe_interval):
+            if self._stop.wait(self.connection.describe_interval_seconds):
                 return
 
     def refresh(self, timeout: float | None = None) -> bool:
@@ -183,7 +177,7 @@ class Planner:
         if self.edge is None:
             return None
         if self.edge_profile is None or not self.reachable:
-            self.refresh(timeout=min(1.0, self.connect_timeout))
+            self.refresh(timeout=min(1.0, self.connection.connect_timeout_seconds))
         with self._lock:
             if self.edge_profile is None or not self.reachable:
                 return None
